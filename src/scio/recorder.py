@@ -1,0 +1,301 @@
+"""Record intermediate activations of any :class:`torch.nn.Module`.
+
+A :class:`Recorder` wraps a network, lists its layers (one row per module *call*, with
+torchinfo's ``(depth, idx)`` identifiers) and records the outputs of the layers chosen
+with :meth:`Recorder.record` during its own forward passes. Hooks are weakly referenced:
+deleting the recorder leaves the wrapped network exactly as it was.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeAlias, TypeVar
+
+import torch
+import torchinfo
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torchinfo.layer_info import LayerInfo
+
+__all__ = ["DepthIdx", "Postprocessor", "Recorder", "get_layer_info_depth_idx", "lazy_func"]
+
+DepthIdx: TypeAlias = tuple[int, int]
+Postprocessor: TypeAlias = Callable[[Tensor], Tensor | None]
+LayerSpec: TypeAlias = DepthIdx | str
+
+_R = TypeVar("_R")
+
+_DEFAULT_SUMMARY_KWARGS: dict[str, Any] = {
+    "col_names": ("input_size", "output_size", "num_params", "params_percent"),
+    "depth": float("inf"),
+    "row_settings": ("var_names", "depth"),
+    "verbose": torchinfo.Verbosity.QUIET,
+}
+
+
+def get_layer_info_depth_idx(layer_info: LayerInfo) -> DepthIdx:
+    """Return the ``(depth, depth_index)`` identifier of a torchinfo row."""
+    if layer_info.depth_index is None:
+        msg = f"Unexpected `None` depth_index for {layer_info}"
+        raise ValueError(msg)
+    return (layer_info.depth, layer_info.depth_index)
+
+
+def lazy_func(ref: Callable[[], Callable[..., _R] | None]) -> Callable[..., _R | None]:
+    """Return a function calling the referent of ``ref``, or returning ``None`` if it died."""
+
+    def call(*args: Any, **kwargs: Any) -> _R | None:
+        func = ref()
+        if func is None:
+            return None
+        return func(*args, **kwargs)
+
+    return call
+
+
+class _CallState:
+    """Per-forward state: which rows remain per module and which postprocessors."""
+
+    __slots__ = ("dont_record", "postprocs", "seqs", "single")
+
+    def __init__(
+        self,
+        seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]],
+        postproc: Postprocessor | Sequence[Postprocessor] | None,
+        dont_record: bool,
+    ) -> None:
+        self.seqs = {module: list(seq) for module, seq in seqs.items()}
+        self.dont_record = dont_record
+        self.single: Postprocessor | None = None
+        self.postprocs: Iterator[Postprocessor] | None = None
+        if isinstance(postproc, Sequence):
+            self.postprocs = iter(list(postproc))
+        elif postproc is not None:
+            if not callable(postproc):
+                msg = (
+                    "`activation_postproc` must be None, a callable or a list of callables "
+                    f"(got {type(postproc).__name__})"
+                )
+                raise TypeError(msg)
+            self.single = postproc
+
+
+class Recorder(nn.Module):
+    """Wrap ``net`` to record the outputs of chosen layers during forward passes.
+
+    Args:
+        net: the network to wrap (stored as ``self._net``, also returned by :attr:`net`).
+        force_static_flow: check with ``torch.fx.symbolic_trace`` that the control flow of
+            ``net`` is static, so that layer identifiers are the same at every call. With
+            ``False``, dynamic networks are accepted at your own risk: a layer that is not
+            called, or called a different number of times, makes recording unreliable.
+        **summary_kwargs: passed to ``torchinfo.summary``; ``input_data`` or ``input_size``
+            is required (one forward pass lists the layers).
+
+    Layers are identified by torchinfo's ``(depth, idx)`` pairs (``idx`` counts rows at that
+    depth over the whole network); the whole network is ``(0, 1)``. Modules used
+    functionally (``F.relu``) are invisible. Extension: layers may also be selected by
+    module name, e.g. ``rnet.record("avgpool")``.
+    """
+
+    summary: torchinfo.ModelStatistics
+
+    def __init__(
+        self, net: nn.Module, /, *, force_static_flow: bool = True, **summary_kwargs: Any
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            msg = f"`net` must be a torch.nn.Module (got {type(net).__name__})"
+            raise TypeError(msg)
+        self._net = net
+        self._activations: dict[DepthIdx, Any] = {}
+        self._call_state: _CallState | None = None
+        self._handles: list[RemovableHandle] = []
+        if force_static_flow:
+            try:
+                torch.fx.symbolic_trace(net)
+            except torch.fx.proxy.TraceError as exc:
+                msg = (
+                    "The control flow of the input network is not static (see traceback). Use "
+                    "`Recorder` at your own risk with `force_static_flow=False`. See "
+                    "`help(Recorder)` for a detailed warning"
+                )
+                raise RuntimeError(msg) from exc
+        kwargs = {**_DEFAULT_SUMMARY_KWARGS, **summary_kwargs}
+        if "input_size" not in kwargs and "input_data" not in kwargs:
+            msg = "You must provide `input_data` or `input_size`"
+            raise ValueError(msg)
+        grad_flags = {name: p.requires_grad for name, p in net.named_parameters()}
+        self.summary = torchinfo.summary(net, **kwargs)
+        torchinfo.torchinfo.clear_cached_forward_pass()
+        for name, param in net.named_parameters():  # torchinfo must leave the flags intact
+            param.requires_grad_(grad_flags[name])
+        self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
+            (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
+        )
+        self._recording: tuple[DepthIdx, ...] = ()
+        self._record_seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
+        self.record()
+        hook = lazy_func(weakref.WeakMethod(self._hook))
+        for module in dict.fromkeys(module for _, module in self._rows):
+            self._handles.append(module.register_forward_hook(hook))
+
+    # -- layers -----------------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """The wrapped network."""
+        return self._net
+
+    @property
+    def layers(self) -> tuple[DepthIdx, ...]:
+        """Every selectable layer identifier, in call order."""
+        return tuple(depth_idx for depth_idx, _ in self._rows)
+
+    @property
+    def layer_names(self) -> dict[DepthIdx, str]:
+        """Qualified module name of every layer (``""`` for the whole network)."""
+        names: dict[nn.Module, str] = {}
+        for name, module in self._net.named_modules():
+            names.setdefault(module, name)
+        return {depth_idx: names.get(module, "?") for depth_idx, module in self._rows}
+
+    def _resolve(self, spec: object) -> object:
+        """Map a module name to its (first) ``(depth, idx)``; other specs are kept."""
+        if isinstance(spec, str):
+            for depth_idx, name in self.layer_names.items():
+                if name == spec:
+                    return depth_idx
+        return spec
+
+    def record(self, *depth_idxs: LayerSpec) -> None:
+        """Choose the layers to record (``record()`` clears the selection).
+
+        Each layer is a ``(depth, idx)`` pair from the summary table, or a module name.
+        Order and duplicates are ignored. Unknown layers raise ``ValueError`` and keep the
+        previous selection.
+        """
+        requested = {self._resolve(spec) for spec in depth_idxs}
+        seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
+        found: set[object] = set()
+        for depth_idx, module in self._rows:
+            wanted = depth_idx in requested
+            if wanted:
+                found.add(depth_idx)
+            seqs.setdefault(module, []).append((depth_idx, wanted))
+        missing = requested - found
+        if missing:
+            hint = ""
+            if len(depth_idxs) == 2 and all(type(arg) is int for arg in depth_idxs):
+                hint = f"Did you mean `rnet.record({depth_idxs})`? "
+            msg = f"Following layers not found: {missing}. {hint}Operation cancelled"
+            raise ValueError(msg)
+        self._record_seqs = seqs
+        self._recording = tuple(sorted(found))  # type: ignore[arg-type]
+
+    @property
+    def recording(self) -> tuple[DepthIdx, ...]:
+        """Recorded layer identifiers, sorted."""
+        return self._recording
+
+    @property
+    def recorded_modules(self) -> dict[DepthIdx, nn.Module]:
+        """``{depth_idx: module}`` of the recorded layers, in summary order."""
+        recorded = set(self._recording)
+        return {depth_idx: module for depth_idx, module in self._rows if depth_idx in recorded}
+
+    @property
+    def recorded_params(self) -> dict[str, nn.Parameter]:
+        """Parameters (named as in ``self.named_parameters()``) of the recorded modules."""
+        owned = {
+            id(param) for module in self.recorded_modules.values() for param in module.parameters()
+        }
+        return {name: param for name, param in self.named_parameters() if id(param) in owned}
+
+    @property
+    def activations(self) -> Mapping[DepthIdx, Any]:
+        """Read-only activations of the latest forward pass, in firing order."""
+        return MappingProxyType(self._activations)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        *args: Any,
+        activation_postproc: Postprocessor | Sequence[Postprocessor] | None = None,
+        dont_record: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the wrapped network and record the chosen layers.
+
+        Args:
+            *args, **kwargs: passed to the network.
+            activation_postproc: a callable (applied to every recorded layer) or a list of
+                callables (consumed in the order recorded layers fire), applied after
+                recording; a returned tensor replaces the module output.
+            dont_record: skip recording (post-processing still applies).
+        """
+        self._activations = {}
+        self._call_state = _CallState(self._record_seqs, activation_postproc, dont_record)
+        try:
+            out = self._net(*args, **kwargs)
+        except (Exception, KeyboardInterrupt):
+            self._activations = {}
+            raise
+        finally:
+            self._call_state = None
+        if not dont_record and len(self._activations) != len(self._recording):
+            diff = sorted(set(self._recording) - set(self._activations))
+            self._activations = {}
+            msg = (
+                f"Missing {diff} activations. This may be due to dynamic control flow, for "
+                "which functionality is NOT GUARANTEED!"
+            )
+            raise RuntimeError(msg)
+        return out
+
+    def _hook(self, module: nn.Module, _args: Any, output: Any) -> Any:
+        state = self._call_state
+        if state is None:  # not called from this recorder's forward
+            return None
+        depth_idx, requested = state.seqs[module].pop(0)
+        if not requested:
+            return None
+        if not state.dont_record:
+            self._activations[depth_idx] = output
+        postproc = state.single
+        if state.postprocs is not None:
+            postproc = next(state.postprocs, None)
+            if postproc is None:
+                msg = (
+                    "There were not enough postprocessing functions for every recorded layers "
+                    f"({len(self.recording)}). If you wish to use the same function for every "
+                    "recorded layer, use the signature `rnet(*args, activation_postproc: "
+                    "Postprocessor, **kwargs). See `help(rnet.forward)` for more information"
+                )
+                raise ValueError(msg)
+        if postproc is None:
+            return None
+        return postproc(output)
+
+    # -- misc -------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        """Detach every hook from the wrapped network (the recorder stops recording)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __del__(self) -> None:
+        handles = self.__dict__.get("_handles")
+        if handles:
+            for handle in handles:
+                handle.remove()
+
+    def __repr__(self) -> str:
+        table = repr(self.summary)
+        rule = "=" * len(table.split("\n", 1)[0])
+        current = ", ".join(f"{d}-{i}" for d, i in self._recording) or "None"
+        return (
+            f"Recorder instance for the following network\n{table}\n"
+            f"Currently recording: {current}\n{rule}"
+        )

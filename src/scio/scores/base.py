@@ -1,0 +1,271 @@
+"""The score life cycle: hyper-parameters, ``fit`` (calibration), ``__call__`` (inference).
+
+A score is a :class:`~scio.utils.params.ParamClass`: hyper-parameters are set in the
+constructor, learned state only by :meth:`BaseScore.fit`. Changing a hyper-parameter
+"unfits" the score. Calibration accepts one tensor or an iterable of ``(inputs, labels)``
+batches (e.g. a ``DataLoader``) and gives the same fitted state for both.
+
+Writing a score: either implement the reference contract ``calibrate(calib_data,
+calib_labels)`` + ``get_conformity(inputs)`` (batches are then concatenated before
+``calibrate``), or use :class:`StreamingCalibration` and implement the batch protocol
+``_calib_update(batch)`` + ``_calib_end()`` so that nothing but the needed features is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Iterable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from scio.scores.calibration import CalibBatch, CalibState, as_batches, concat_labels
+from scio.scores.utils import normalize_samples
+from scio.utils.misc import ScoreTimer, check
+from scio.utils.params import MISSING, ParamClass
+
+if TYPE_CHECKING:
+    from scio.recorder import Recorder
+
+__all__ = ["BaseScore", "FitSession", "StreamingCalibration"]
+
+
+def _same_value(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # tensors and other values without a boolean equality
+        return False
+
+
+class BaseScore(ParamClass):
+    """Base class of every confidence score (higher conformity = more in-distribution).
+
+    Args:
+        act_norm: if not ``None``, every recorded activation is divided by its per-sample
+            ``act_norm``-norm before use (see :func:`scio.scores.utils.normalize_samples`).
+    """
+
+    act_norm: float | None = None
+
+    #: Whether inference needs autograd (e.g. input perturbations); else runs in no_grad.
+    _inference_needs_grad: bool = False
+
+    def __init__(self, **params: Any) -> None:
+        self._is_fit = False
+        super().__init__(**params)
+
+    # -- contract ---------------------------------------------------------------------------
+    @abstractmethod
+    def calibrate(self, calib_data: Tensor, calib_labels: Any) -> None:
+        """Learn the score's state from calibration data (called by :meth:`fit`)."""
+
+    @abstractmethod
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(out, conformity)`` for ``inputs`` (called by :meth:`__call__`)."""
+
+    def _check_params(self, n_calib: int) -> None:
+        """Validate hyper-parameters before calibration (subclasses call ``super()``)."""
+        missing = self.missing_params
+        if missing:
+            msg = f"Missing parameters for {type(self).__qualname__} score: {missing}"
+            raise RuntimeError(msg)
+        if self.act_norm is not None:
+            check(self.act_norm != 0)
+            check(not math.isnan(self.act_norm))
+
+    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if not _same_value(self.params.get(attr, MISSING), future_val):
+            self.unfit()
+
+    # -- batch protocol (default: reference contract, batches concatenated) ------------------
+    def _calib_start(self) -> None:
+        """Reset the calibration state before a stream of batches."""
+        self._calib_buffer: list[tuple[Tensor, Any]] = []
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        """Consume one calibration batch."""
+        self._calib_buffer.append((batch.inputs, batch.labels))
+
+    def _calib_end(self) -> None:
+        """Finish calibration once every batch was consumed."""
+        buffer, self._calib_buffer = self._calib_buffer, []
+        if not buffer:
+            msg = "`calib_data` is empty: calibration needs at least one sample"
+            raise ValueError(msg)
+        inputs = [inputs for inputs, _ in buffer]
+        data = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        labels = buffer[0][1] if len(buffer) == 1 else concat_labels([y for _, y in buffer])
+        self.calibrate(data, labels)
+
+    # -- life cycle -------------------------------------------------------------------------
+    @property
+    def is_fit(self) -> bool:
+        """Whether the score is calibrated and ready for inference."""
+        return self._is_fit
+
+    def unfit(self) -> None:
+        """Mark the score as not fitted."""
+        self._is_fit = False
+
+    @property
+    def rnet(self) -> Recorder:
+        """The recorder bound at the latest :meth:`fit`."""
+        try:
+            return self.__dict__["_rnet"]  # type: ignore[no-any-return]
+        except KeyError:
+            msg = f"{type(self).__name__} has no recorder yet: call `fit` first"
+            raise AttributeError(msg) from None
+
+    def fit(self, rnet: Recorder, calib_data: Any, calib_labels: Any = None) -> BaseScore:
+        """Calibrate the score on in-distribution data and return it.
+
+        Args:
+            rnet: a :class:`~scio.recorder.Recorder` recording the layers the score uses.
+            calib_data: a tensor of inputs, or an iterable of ``(inputs, labels)`` batches
+                (e.g. a ``DataLoader``); both give the same fitted state.
+            calib_labels: labels of ``calib_data`` when it is a tensor (only used by scores
+                that need labels).
+        """
+        batches, n_known = as_batches(calib_data, calib_labels)
+        stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in batches)
+        return self._fit_stream(rnet, stream, n_known)
+
+    def _fit_stream(
+        self, rnet: Recorder, batches: Iterable[CalibBatch], n_known: int | None
+    ) -> BaseScore:
+        """Run calibration on a stream of batches."""
+        session = FitSession(self, rnet, n_known)
+        for batch in batches:
+            session.update(batch)
+        session.finish()
+        return self
+
+    @property
+    def _calib_needs_grad(self) -> bool:
+        return False
+
+    def __call__(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(out, conformity)``: the network output and the confidence scores."""
+        if not self._is_fit:
+            msg = "The score needs to be fit before inference"
+            raise RuntimeError(msg)
+        grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
+        with self.timer("inference", n_samples=len(inputs)), grad:
+            return self._process(inputs)
+
+    def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        return self.get_conformity(inputs)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def normalize(
+        self, activations: tuple[Tensor, ...], *, concatenate: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Apply ``act_norm`` to raw activations (optionally flattened and concatenated)."""
+        if concatenate:
+            activations = (torch.cat([a.reshape(len(a), -1) for a in activations], dim=1),)
+        return tuple(normalize_samples(a, ord=self.act_norm) for a in activations)
+
+    def activations(self, *, concatenate: bool = False) -> tuple[Tensor, ...]:
+        """Activations of the latest recorder forward, ``act_norm``-normalised."""
+        return self.normalize(tuple(self.rnet.activations.values()), concatenate=concatenate)
+
+    @property
+    def timer(self) -> ScoreTimer:
+        """Durations of every calibration and inference (see ``timer.report``)."""
+        timer = self.__dict__.get("_timer")
+        if timer is None:
+            timer = self._timer = ScoreTimer(self)
+        return timer
+
+    def reset_timer(self) -> None:
+        """Discard every recorded duration."""
+        self.__dict__.pop("_timer", None)
+
+    def __repr__(self) -> str:
+        status = "fit" if self._is_fit else "unfit"
+        return f"{type(self).__name__}[{status}]({self._params_repr(only_non_default=False)})"
+
+
+class FitSession:
+    """One calibration of ``score``: ``update`` per batch, then ``finish``.
+
+    Push-style, so that several scores can consume the batches of one shared forward pass
+    (see :func:`scio.scores.fit_jointly`). Time spent outside (e.g. a shared forward) can be
+    charged with :meth:`charge`. If anything fails, the score stays unfit and no duration
+    is stored.
+    """
+
+    def __init__(self, score: BaseScore, rnet: Recorder, n_known: int | None) -> None:
+        if n_known is not None:
+            score._check_params(n_known)
+        score.unfit()
+        score._rnet = rnet
+        self.score = score
+        self.n_known = n_known
+        self.n_samples = 0
+        self.duration = 0.0
+        self._grad = score._calib_needs_grad
+        start = perf_counter()
+        score._calib_start()
+        self.duration += perf_counter() - start
+
+    def charge(self, seconds: float) -> None:
+        """Add time spent on this calibration elsewhere (e.g. a shared forward pass)."""
+        self.duration += seconds
+
+    def update(self, batch: CalibBatch) -> None:
+        """Feed one batch to the score."""
+        start = perf_counter()
+        with torch.enable_grad() if self._grad else torch.no_grad():
+            self.score._calib_update(batch)
+        self.n_samples += len(batch)
+        self.duration += perf_counter() - start
+
+    def finish(self) -> None:
+        """Compute the fitted state, mark the score fit and store the duration."""
+        score = self.score
+        start = perf_counter()
+        if self.n_samples == 0:
+            msg = "`calib_data` is empty: calibration needs at least one sample"
+            raise ValueError(msg)
+        if self.n_known != self.n_samples:
+            score._check_params(self.n_samples)
+        with torch.enable_grad() if self._grad else torch.no_grad():
+            score._calib_end()
+        score.__dict__.pop("_state", None)  # keep only the fitted state, not the features
+        self.duration += perf_counter() - start
+        score.timer.add("calibration", self.n_samples, self.duration)
+        score._is_fit = True
+
+
+class StreamingCalibration:
+    """Mixin for scores calibrated batch by batch (list it before the score base class).
+
+    Subclasses implement ``_calib_update(batch)`` (store what the score needs in
+    ``self._state``, a :class:`~scio.scores.calibration.CalibState`) and ``_calib_end()``
+    (compute the fitted state from it). ``calibrate(data, labels)`` then simply runs the
+    stream with a single batch.
+    """
+
+    _state: CalibState
+
+    def calibrate(self, calib_data: Tensor, calib_labels: Any) -> None:
+        """Calibrate from one tensor (``fit`` streams batches directly)."""
+        score: Any = self
+        score._calib_start()
+        score._calib_update(CalibBatch(calib_data, calib_labels, score.rnet))
+        score._calib_end()
+
+    def _calib_start(self) -> None:
+        self._state = CalibState()
+
+    def _calib_update(self, batch: CalibBatch) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _calib_end(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError

@@ -1,0 +1,60 @@
+"""KNN: distance to the k-th nearest calibration feature."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.utils import Index, make_indexes
+from scio.utils.enums import IndexMetric, IndexMetricLike
+from scio.utils.misc import check
+
+__all__ = ["KNN"]
+
+
+class KNN(StreamingCalibration, BaseScoreClassif):
+    """Deep nearest neighbours (Sun et al., "Out-of-Distribution Detection with Deep
+    Nearest Neighbors", ICML 2022).
+
+    Idea: in-distribution inputs have close neighbours among (normalised) calibration
+    features, OoD inputs do not. Features of the recorded layers are flattened,
+    concatenated and ``act_norm``-normalised (L2 by default, as in the paper).
+
+    Formula: with ``z`` the normalised feature and ``z_(k)`` its k-th nearest calibration
+    feature, conformity = ``-||z - z_(k)||²`` (``l2``) or ``<z, z_(k)>`` (``ip``), identical
+    for every class.
+
+    Args:
+        k: rank of the neighbour (``0 < k <= n_calib``; the paper uses ``n_calib ** 0.4``
+            as a rule of thumb and the penultimate layer).
+        act_norm: feature normalisation order (default 2.0).
+        index_metric: ``"l2"`` (squared Euclidean) or ``"ip"`` (inner product).
+
+    Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features; inference
+    is one exact tiled ``(n, d) x (d, n_calib)`` search on the data's device.
+    """
+
+    k: int
+    act_norm: float | None = 2.0
+    index_metric: IndexMetricLike = "l2"
+
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        check(0 < self.k <= n_calib)
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        (features,) = self.normalize(batch.activations, concatenate=True)
+        self._state.append("features", features)
+
+    def _calib_end(self) -> None:
+        self.index: Index = make_indexes(self._state.cat("features"), metric=self.index_metric)
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.rnet(inputs)
+        (features,) = self.activations(concatenate=True)
+        distances = self.index.search(features, self.k)[0][:, -1]
+        if IndexMetric(self.index_metric) == IndexMetric.IP:
+            return out, distances
+        return out, -distances

@@ -1,0 +1,108 @@
+"""Fit many scores on one network with a single feature pass over the calibration data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+from time import perf_counter
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from scio.recorder import DepthIdx, Recorder
+from scio.scores.base import BaseScore, FitSession
+from scio.scores.calibration import CalibBatch, as_batches
+
+__all__ = ["fit_jointly", "split_batches"]
+
+
+class _Progress(Protocol):
+    def __call__(self, n_done: int, /) -> object: ...
+
+
+def split_batches(inputs: Tensor, labels: Any, batch_size: int | None) -> list[tuple[Tensor, Any]]:
+    """Split a tensor (and its labels, when they have one entry per sample) in batches."""
+    if batch_size is None or batch_size >= len(inputs):
+        return [(inputs, labels)]
+    if batch_size <= 0:
+        msg = f"`batch_size` must be a positive integer (got {batch_size})"
+        raise ValueError(msg)
+    per_sample = labels is not None and hasattr(labels, "__len__") and len(labels) == len(inputs)
+    return [
+        (inputs[i : i + batch_size], labels[i : i + batch_size] if per_sample else labels)
+        for i in range(0, len(inputs), batch_size)
+    ]
+
+
+def fit_jointly(
+    scores_and_layers: Iterable[tuple[BaseScore, Iterable[DepthIdx | str]]],
+    net: nn.Module,
+    calib_data: Any,
+    calib_labels: Any = None,
+    *,
+    batch_size: int | None = None,
+    on_batch: _Progress | None = None,
+    **recorder_kwargs: Any,
+) -> list[BaseScore]:
+    """Calibrate every score on ``net`` with one forward pass per calibration batch.
+
+    One recorder records the union of all requested layers; each batch's logits and
+    activations are shared by every score (each sees only its own layers, in firing order).
+    Each score is bound to its own :class:`~scio.recorder.Recorder` recording its layers,
+    exactly as ``score.fit(Recorder(net, ...).record(*layers), ...)`` would.
+
+    Args:
+        scores_and_layers: ``(score, layers)`` pairs.
+        net: the network shared by every score.
+        calib_data: a tensor, or an iterable of ``(inputs, labels)`` batches.
+        calib_labels: labels when ``calib_data`` is a tensor.
+        batch_size: split a tensor ``calib_data`` into batches of this size.
+        on_batch: called with the number of samples processed so far after each batch.
+        **recorder_kwargs: passed to every :class:`~scio.recorder.Recorder`.
+
+    Returns:
+        The fitted scores, in input order.
+    """
+    pairs = [(score, tuple(layers)) for score, layers in scores_and_layers]
+    if isinstance(calib_data, Tensor):
+        stream: Iterable[tuple[Tensor, Any]] = split_batches(calib_data, calib_labels, batch_size)
+        n_known: int | None = len(calib_data)
+    else:
+        stream, n_known = as_batches(calib_data, calib_labels)
+    iterator = iter(stream)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        msg = "`calib_data` is empty: calibration needs at least one sample"
+        raise ValueError(msg) from None
+    if "input_data" not in recorder_kwargs and "input_size" not in recorder_kwargs:
+        recorder_kwargs["input_data"] = first[0][:1]
+
+    union = Recorder(net, **recorder_kwargs)
+    union.record(*chain.from_iterable(layers for _, layers in pairs))
+    sessions = []
+    for score, layers in pairs:
+        rnet = Recorder(net, **recorder_kwargs)
+        rnet.record(*layers)
+        sessions.append((FitSession(score, rnet, n_known), set(rnet.recording)))
+
+    n_done = 0
+    for inputs, labels in chain([first], iterator):
+        start = perf_counter()
+        with torch.no_grad():
+            out = union(inputs)
+        recorded = tuple(union.activations.items())
+        shared = perf_counter() - start
+        for session, layers in sessions:
+            session.charge(shared)
+            acts = tuple(act for depth_idx, act in recorded if depth_idx in layers)
+            batch = CalibBatch(inputs, labels, session.score.rnet, out=out, activations=acts)
+            session.update(batch)
+        n_done += len(inputs)
+        if on_batch is not None:
+            on_batch(n_done)
+    for session, _ in sessions:
+        session.finish()
+    union.remove_hooks()
+    return [score for score, _ in pairs]

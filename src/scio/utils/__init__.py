@@ -1,0 +1,47 @@
+"""Shared utilities: string enums, ``check``, the :class:`ScoreTimer` and parameters."""
+
+from scio.utils.enums import (
+    AggrName,
+    AggrNameLike,
+    ClassAggr,
+    ClassAggrLike,
+    IndexMetric,
+    IndexMetricLike,
+    InterpolationKind,
+    InterpolationKindLike,
+    LabelKind,
+    LabelKindLike,
+    MultinomialTestMode,
+    MultinomialTestModeLike,
+    ScoreClassifMode,
+    ScoreClassifModeLike,
+    ScoreTimerOperation,
+    ScoreTimerOperationLike,
+    ZAggr,
+    ZAggrLike,
+)
+from scio.utils.misc import ScoreTimer, check, format_time
+
+__all__ = [
+    "AggrName",
+    "AggrNameLike",
+    "ClassAggr",
+    "ClassAggrLike",
+    "IndexMetric",
+    "IndexMetricLike",
+    "InterpolationKind",
+    "InterpolationKindLike",
+    "LabelKind",
+    "LabelKindLike",
+    "MultinomialTestMode",
+    "MultinomialTestModeLike",
+    "ScoreClassifMode",
+    "ScoreClassifModeLike",
+    "ScoreTimer",
+    "ScoreTimerOperation",
+    "ScoreTimerOperationLike",
+    "ZAggr",
+    "ZAggrLike",
+    "check",
+    "format_time",
+]

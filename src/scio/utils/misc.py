@@ -1,0 +1,219 @@
+"""Small shared helpers: ``check``, ``format_time`` and the :class:`ScoreTimer`."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from time import perf_counter
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import rich
+from rich.box import Box
+from rich.highlighter import ReprHighlighter
+from rich.table import Table
+
+from scio.utils.enums import ScoreTimerOperation, ScoreTimerOperationLike
+
+__all__ = [
+    "HEAVY_HEAD_ROUNDED_BOTTOM",
+    "ScoreTimer",
+    "ScoreTimerStat",
+    "check",
+    "format_time",
+]
+
+HEAVY_HEAD_ROUNDED_BOTTOM = Box("┏━┳┓\n┃ ┃┃\n┡━╇┩\n│ ││\n├─┼┤\n├─┼┤\n│ ││\n╰─┴╯\n")
+
+_UNITS = ("s", "ms", "μs", "ns", "ps", "fs", "as")
+
+
+def check(condition: object, message: str = "") -> None:
+    """Raise ``AssertionError(message)`` when ``condition`` is falsy (never stripped by -O)."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def format_time(duration: float, num_digits: int = 4) -> str:
+    """Format a duration in seconds with ``num_digits`` significant digits.
+
+    The unit (``s`` down to ``as``) is chosen so the integer part has 1 to 3 digits; a
+    trailing ``.`` marks a value whose digits are all integral (``"1234. s"``). Durations of
+    at least ``10**num_digits`` seconds are printed as rounded integers.
+    """
+    check(num_digits >= 3, "Display at least 3 digits")
+    check(0 <= duration < 10 ** (num_digits + 1) - 0.5, "Duration out of bounds")
+    if duration >= 10**num_digits:
+        return f"{round(duration)} s"
+    unit = 0
+    while unit < len(_UNITS) - 1 and duration * 1000**unit < 1:
+        unit += 1
+    while True:
+        n_int = len(str(int(duration * 1000**unit)))
+        decimals = max(num_digits - n_int, 0)
+        # Round an integer number of the last displayed digit (half-even, no float noise
+        # from formatting): 0.12345 s -> 1234.5 -> 1234 -> "123.4 ms".
+        mantissa = round(duration * 10 ** (3 * unit + decimals))
+        if unit > 0 and mantissa >= 10 ** (3 + decimals):
+            unit -= 1  # rounding overflowed into the next unit (e.g. 999.95 ms -> 1.000 s)
+            continue
+        break
+    digits = str(mantissa).rjust(decimals + 1, "0")
+    if decimals == 0:
+        if len(digits) > num_digits:
+            return f"{mantissa} s"
+        return f"{digits}. {_UNITS[unit]}"
+    return f"{digits[:-decimals]}.{digits[-decimals:]} {_UNITS[unit]}"
+
+
+class ScoreTimerStat(NamedTuple):
+    """One timed operation: what, on how many samples, how long, with which parameters."""
+
+    op: ScoreTimerOperation
+    n_samples: int
+    duration: float
+    params: MappingProxyType[str, Any]
+
+
+def _snapshot(params: dict[str, Any]) -> MappingProxyType[str, Any]:
+    snap = {}
+    for key, value in params.items():
+        try:
+            snap[key] = copy.deepcopy(value)
+        except Exception:  # un-copyable values are kept as they are
+            snap[key] = value
+    return MappingProxyType(snap)
+
+
+class _Pending:
+    """Mutable handle yielded by :meth:`ScoreTimer.__call__` (sample count may change)."""
+
+    __slots__ = ("n_samples",)
+
+    def __init__(self, n_samples: int) -> None:
+        self.n_samples = n_samples
+
+
+class ScoreTimer:
+    """Records calibration and inference durations of a score (weakly referenced)."""
+
+    def __init__(self, target: object) -> None:
+        self._type_name = type(target).__qualname__
+        self._ref = weakref.ref(target)
+        self._stats: list[ScoreTimerStat] = []
+
+    @property
+    def target(self) -> Any:
+        """The timed object, or ``None`` once it was garbage-collected."""
+        return self._ref()
+
+    @property
+    def stats(self) -> tuple[ScoreTimerStat, ...]:
+        """All stats, oldest first."""
+        return tuple(self._stats)
+
+    @property
+    def calibration(self) -> tuple[ScoreTimerStat, ...]:
+        """Calibration stats, oldest first."""
+        return tuple(s for s in self._stats if s.op == ScoreTimerOperation.CALIBRATION)
+
+    @property
+    def inference(self) -> tuple[ScoreTimerStat, ...]:
+        """Inference stats, oldest first."""
+        return tuple(s for s in self._stats if s.op == ScoreTimerOperation.INFERENCE)
+
+    @contextmanager
+    def __call__(self, op: ScoreTimerOperationLike, /, *, n_samples: int) -> Iterator[_Pending]:
+        """Time the body of a ``with`` block; the stat is stored only on normal exit.
+
+        The yielded handle's ``n_samples`` may be updated inside the block, for streams whose
+        length is only known once consumed.
+        """
+        target = self.target
+        if target is None:
+            msg = f"Target {self._type_name!r} object is dead"
+            raise RuntimeError(msg)
+        if not hasattr(target, "params"):
+            msg = (
+                f"Target {target} is missing a required 'params' attribute. Hint: "
+                "ScoreTimer instances should only target Score instances"
+            )
+            raise AttributeError(msg)
+        operation = ScoreTimerOperation(op)
+        params = _snapshot(target.params)
+        del target
+        pending = _Pending(int(n_samples))
+        start = perf_counter()
+        yield pending
+        duration = perf_counter() - start
+        self._stats.append(ScoreTimerStat(operation, pending.n_samples, duration, params))
+
+    def add(self, op: ScoreTimerOperationLike, n_samples: int, duration: float) -> None:
+        """Store a duration measured elsewhere (same checks as the context manager)."""
+        with self(op, n_samples=n_samples):
+            pass
+        last = self._stats[-1]
+        self._stats[-1] = last._replace(duration=float(duration))
+
+    def _report_table(self) -> Table | None:
+        stats = self._stats[::-1]
+        if not stats:
+            return None
+        keys = set(stats[0].params)
+        for stat in stats[1:]:
+            keys &= set(stat.params)
+        common = {}
+        for key in sorted(keys):
+            value = stats[0].params[key]
+            try:
+                if all(bool(s.params[key] == value) for s in stats[1:]):
+                    common[key] = value
+            except Exception:  # values without a boolean equality (tensors)
+                continue
+        title = f"ScoreTimer report for {self._type_name}(" + ", ".join(
+            f"{k}={v!r}" for k, v in common.items()
+        )
+        title += ")"
+        target = self.target
+        if target is not None:
+            title += f"\nat {hex(id(target))}"
+        extras = [
+            ", ".join(f"{k}={v!r}" for k, v in s.params.items() if k not in common) for s in stats
+        ]
+        show_extra = any(extras)
+        table = Table(
+            title=ReprHighlighter()(title),
+            caption="Entries are listed from newest to oldest",
+            box=HEAVY_HEAD_ROUNDED_BOTTOM,
+            safe_box=False,
+            show_lines=True,
+            highlight=True,
+        )
+        if show_extra:
+            table.add_column("Extra params", justify="left")
+        table.add_column("Operation", justify="center")
+        table.add_column("# samples", justify="right")
+        table.add_column("Duration", justify="center")
+        groups: list[tuple[str, list[ScoreTimerStat]]] = []
+        for extra, stat in zip(extras, stats):
+            if groups and groups[-1][0] == extra:
+                groups[-1][1].append(stat)
+            else:
+                groups.append((extra, [stat]))
+        for extra, group in groups:
+            cells = [
+                "\n".join(str(s.op.value) for s in group),
+                "\n".join(str(s.n_samples) for s in group),
+                "\n".join(format_time(s.duration) for s in group),
+            ]
+            table.add_row(*([extra, *cells] if show_extra else cells))
+        return table
+
+    @property
+    def report(self) -> None:
+        """Print (with rich) a table of every timed operation, newest first."""
+        table = self._report_table()
+        if table is not None:
+            rich.print(table)
