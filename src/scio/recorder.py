@@ -128,10 +128,16 @@ class Recorder(nn.Module):
             msg = "You must provide `input_data` or `input_size`"
             raise ValueError(msg)
         grad_flags = {name: p.requires_grad for name, p in net.named_parameters()}
-        self.summary = torchinfo.summary(net, **kwargs)
-        torchinfo.torchinfo.clear_cached_forward_pass()
-        for name, param in net.named_parameters():  # torchinfo must leave the flags intact
-            param.requires_grad_(grad_flags[name])
+        modes = {module: module.training for module in net.modules()}
+        try:
+            self.summary = torchinfo.summary(net, **kwargs)
+        finally:
+            torchinfo.torchinfo.clear_cached_forward_pass()
+            # torchinfo restores only the root's mode; leave every flag as it was
+            for name, param in net.named_parameters():
+                param.requires_grad_(grad_flags[name])
+            for module, training in modes.items():
+                module.training = training
         self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
             (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
         )

@@ -14,23 +14,25 @@ calib_labels)`` + ``get_conformity(inputs)`` (batches are then concatenated befo
 from __future__ import annotations
 
 import math
+import os
 from abc import abstractmethod
 from collections.abc import Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from scio.scores.calibration import CalibBatch, CalibState, as_batches, concat_labels
 from scio.scores.utils import normalize_samples
+from scio.scores.validation import check_device, check_inputs, eval_mode
 from scio.utils.misc import ScoreTimer, check
 from scio.utils.params import MISSING, ParamClass
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
 
-__all__ = ["BaseScore", "FitSession", "StreamingCalibration"]
+__all__ = ["BaseScore", "FitSession", "ParamError", "StreamingCalibration"]
 
 
 def _same_value(a: object, b: object) -> bool:
@@ -40,6 +42,11 @@ def _same_value(a: object, b: object) -> bool:
         return bool(a == b) and type(a) is type(b)
     except Exception:  # tensors and other values without a boolean equality
         return False
+
+
+class ParamError(AssertionError, ValueError):
+    """An invalid hyper-parameter (an ``AssertionError`` as in the reference, and a
+    ``ValueError`` with a message naming it)."""
 
 
 class BaseScore(ParamClass):
@@ -52,8 +59,10 @@ class BaseScore(ParamClass):
 
     act_norm: float | None = None
 
-    #: Whether inference needs autograd (e.g. input perturbations); else runs in no_grad.
-    _inference_needs_grad: bool = False
+    #: Names of the attributes set by calibration (the fitted state, used by save/load).
+    #: Values are tensors, :class:`~scio.scores.utils.Index` objects, plain Python values,
+    #: or tuples/lists/dicts of those.
+    _fitted_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         self._is_fit = False
@@ -77,6 +86,10 @@ class BaseScore(ParamClass):
         if self.act_norm is not None:
             check(self.act_norm != 0)
             check(not math.isnan(self.act_norm))
+        k = self.params.get("k")
+        if isinstance(k, int) and not 0 < k <= n_calib:
+            msg = f"`k` must satisfy 0 < k <= n_calib = {n_calib} calibration samples (got k={k})"
+            raise ParamError(msg)
 
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         if not _same_value(self.params.get(attr, MISSING), future_val):
@@ -147,6 +160,12 @@ class BaseScore(ParamClass):
 
     @property
     def _calib_needs_grad(self) -> bool:
+        """Whether calibration needs autograd (else it runs under ``torch.no_grad``)."""
+        return False
+
+    @property
+    def _inference_needs_grad(self) -> bool:
+        """Whether inference needs autograd (e.g. input perturbations)."""
         return False
 
     def __call__(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,8 +173,11 @@ class BaseScore(ParamClass):
         if not self._is_fit:
             msg = "The score needs to be fit before inference"
             raise RuntimeError(msg)
+        check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs")
+        net = self.rnet.net
+        check_device(inputs, net, name="inputs")
         grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
-        with self.timer("inference", n_samples=len(inputs)), grad:
+        with self.timer("inference", n_samples=len(inputs)), grad, eval_mode(net):
             return self._process(inputs)
 
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -173,6 +195,12 @@ class BaseScore(ParamClass):
     def activations(self, *, concatenate: bool = False) -> tuple[Tensor, ...]:
         """Activations of the latest recorder forward, ``act_norm``-normalised."""
         return self.normalize(tuple(self.rnet.activations.values()), concatenate=concatenate)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the fitted score (see :func:`scio.load_score` to load it next to a network)."""
+        from scio.serialization import save_score
+
+        save_score(self, path)
 
     @property
     def timer(self) -> ScoreTimer:
@@ -201,6 +229,9 @@ class FitSession:
     """
 
     def __init__(self, score: BaseScore, rnet: Recorder, n_known: int | None) -> None:
+        if n_known == 0:
+            msg = "`calib_data` must hold at least one sample (got an empty calibration set)"
+            raise ValueError(msg)
         if n_known is not None:
             score._check_params(n_known)
         score.unfit()
@@ -209,6 +240,8 @@ class FitSession:
         self.n_known = n_known
         self.n_samples = 0
         self.duration = 0.0
+        self.input_shape: tuple[int, ...] | None = None
+        self.input_dtype = torch.float32
         self._grad = score._calib_needs_grad
         start = perf_counter()
         score._calib_start()
@@ -221,7 +254,13 @@ class FitSession:
     def update(self, batch: CalibBatch) -> None:
         """Feed one batch to the score."""
         start = perf_counter()
-        with torch.enable_grad() if self._grad else torch.no_grad():
+        check_inputs(batch.inputs, self.input_shape, name="calib_data")
+        self.input_shape = tuple(batch.inputs.shape[1:])
+        self.input_dtype = batch.inputs.dtype
+        if self.n_samples == 0:
+            check_device(batch.inputs, self.score.rnet.net, name="calib_data")
+        grad = torch.enable_grad() if self._grad else torch.no_grad()
+        with grad, eval_mode(self.score.rnet.net):
             self.score._calib_update(batch)
         self.n_samples += len(batch)
         self.duration += perf_counter() - start
@@ -231,13 +270,17 @@ class FitSession:
         score = self.score
         start = perf_counter()
         if self.n_samples == 0:
-            msg = "`calib_data` is empty: calibration needs at least one sample"
+            msg = "`calib_data` must hold at least one sample (got an empty calibration set)"
             raise ValueError(msg)
         if self.n_known != self.n_samples:
             score._check_params(self.n_samples)
-        with torch.enable_grad() if self._grad else torch.no_grad():
+        grad = torch.enable_grad() if self._grad else torch.no_grad()
+        with grad, eval_mode(score.rnet.net):
             score._calib_end()
         score.__dict__.pop("_state", None)  # keep only the fitted state, not the features
+        score._fit_input_shape = self.input_shape
+        score._fit_input_dtype = self.input_dtype
+        score._fit_n_samples = self.n_samples
         self.duration += perf_counter() - start
         score.timer.add("calibration", self.n_samples, self.duration)
         score._is_fit = True

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from scio.recorder import DepthIdx, Recorder
 from scio.scores.base import BaseScore, FitSession
 from scio.scores.calibration import CalibBatch, as_batches
+from scio.scores.validation import eval_mode
 
 __all__ = ["fit_jointly", "split_batches"]
 
@@ -87,8 +88,22 @@ def fit_jointly(
         rnet.record(*layers)
         sessions.append((FitSession(score, rnet, n_known), set(rnet.recording)))
 
+    with eval_mode(net):
+        _run(sessions, union, chain([first], iterator), on_batch)
+    for session, _ in sessions:
+        session.finish()
+    union.remove_hooks()
+    return [score for score, _ in pairs]
+
+
+def _run(
+    sessions: list[tuple[FitSession, set[DepthIdx]]],
+    union: Recorder,
+    batches: Iterable[tuple[Tensor, Any]],
+    on_batch: _Progress | None,
+) -> None:
     n_done = 0
-    for inputs, labels in chain([first], iterator):
+    for inputs, labels in batches:
         start = perf_counter()
         with torch.no_grad():
             out = union(inputs)
@@ -102,7 +117,3 @@ def fit_jointly(
         n_done += len(inputs)
         if on_batch is not None:
             on_batch(n_done)
-    for session, _ in sessions:
-        session.finish()
-    union.remove_hooks()
-    return [score for score, _ in pairs]

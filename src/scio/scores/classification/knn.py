@@ -40,6 +40,8 @@ class KNN(StreamingCalibration, BaseScoreClassif):
     act_norm: float | None = 2.0
     index_metric: IndexMetricLike = "l2"
 
+    _fitted_attrs = ("index",)
+
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)

@@ -1,0 +1,154 @@
+"""Speed and memory of every score on the tutorial model (prints a markdown table).
+
+For each algorithm: time of a plain forward pass over the test inputs, fit time on the
+calibration inputs, inference time on the test inputs, the inference/forward ratio (the
+score's overhead: 1.0 means free), and the peak resident memory of a process that only
+fits and runs that score (each algorithm runs in its own subprocess).
+
+    python benchmarks/bench_scores.py                 # 2,000 calib + 2,000 test, batch 500
+    python benchmarks/bench_scores.py --n 200 --only KNN Softmax
+
+Inputs are uniform noise of CIFAR-10 shape: timings do not depend on the content. Labels
+for label-using scores are the model's predictions on the calibration inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+FEATURES = (1, 11)  # Tiniest: average-pooled feature maps (penultimate layer)
+LOGITS = (1, 12)
+BLOCK3 = (1, 5)
+
+
+def _registry() -> dict[str, tuple[Callable[[], Any], tuple[tuple[int, int], ...]]]:
+    from scio import scores
+
+    k = 50
+    return {
+        "Softmax": (lambda: scores.Softmax(), ()),
+        "Logit": (lambda: scores.Logit(), ()),
+        "Energy": (lambda: scores.Energy(), ()),
+        "JointEnergy": (lambda: scores.JointEnergy(), ()),
+        "ODIN (eps=0)": (lambda: scores.ODIN(temperature=1000.0), ()),
+        "ODIN (eps=0.002)": (lambda: scores.ODIN(temperature=1000.0, epsilon=0.002), ()),
+        "ReAct": (lambda: scores.ReAct(), (FEATURES,)),
+        "IsoMax": (lambda: scores.IsoMax(), ()),
+        "GradNorm (closed form)": (lambda: scores.GradNorm(), (LOGITS,)),
+        "KNN": (lambda: scores.KNN(k=k), (FEATURES,)),
+        "LID": (lambda: scores.LID(k=k), (FEATURES,)),
+        "Trust": (lambda: scores.Trust(alpha=0.1), (FEATURES,)),
+        "DeepMahalanobis": (lambda: scores.DeepMahalanobis(), (FEATURES,)),
+        "DeepMahalanobis (eps=0.002)": (
+            lambda: scores.DeepMahalanobis(epsilon=0.002),
+            (FEATURES,),
+        ),
+        "RelativeMahalanobis": (lambda: scores.RelativeMahalanobis(), (FEATURES,)),
+        "DkNN": (lambda: scores.DkNN(k=k), (BLOCK3, FEATURES)),
+        "FeatureSqueezing": (
+            lambda: scores.FeatureSqueezing(squeezers=("bits:5", "median:2")),
+            (),
+        ),
+        "Gram": (lambda: scores.Gram(), (BLOCK3, FEATURES)),
+        "Odds (16 noise samples)": (
+            lambda: scores.Odds(epsilon=0.01, noise_samples=16),
+            (),
+        ),
+        "JTLA": (
+            lambda: scores.JTLA(test={"type": "multinomial", "mode": "mle", "k": k}),
+            (BLOCK3, FEATURES),
+        ),
+    }
+
+
+def _batches(data: torch.Tensor, labels: torch.Tensor | None, size: int) -> list[Any]:
+    return [
+        (data[i : i + size], None if labels is None else labels[i : i + size])
+        for i in range(0, len(data), size)
+    ]
+
+
+def _measure(name: str, n: int, batch_size: int) -> dict[str, Any]:
+    """Fit and run one score; returns timings (seconds) and peak RSS (MiB)."""
+    from scio.models import tiniest
+    from scio.recorder import Recorder
+
+    torch.manual_seed(0)
+    net = tiniest()
+    calib = torch.rand(n, 3, 32, 32)
+    test = torch.rand(n, 3, 32, 32)
+    with torch.no_grad():
+        labels = torch.cat([net(x) for x, _ in _batches(calib, None, batch_size)]).argmax(1)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in _batches(test, None, batch_size):
+            net(x)
+    forward = time.perf_counter() - start
+    result: dict[str, Any] = {"name": name, "forward": forward}
+    if name != "(forward only)":
+        factory, layers = _registry()[name]
+        score = factory()
+        rnet = Recorder(net, input_data=calib[[0]])
+        rnet.record(*layers)
+        start = time.perf_counter()
+        score.fit(rnet, _batches(calib, labels, batch_size))
+        result["fit"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for x, _ in _batches(test, None, batch_size):
+            score(x)
+        result["inference"] = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_mib"] = peak / 1024
+    result["extra_mib"] = (peak - rss_before) / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="calibration and test inputs")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--only", nargs="*", help="algorithm names (default: all)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_measure(args.child, args.n, args.batch_size)))
+        return
+    names = args.only or list(_registry())
+    threads = torch.get_num_threads()
+    print(
+        f"Tiniest (CIFAR-10, 97.5k params), {args.n} calibration + {args.n} test inputs, "
+        f"batch {args.batch_size}, {threads} CPU threads, torch {torch.__version__}\n"
+    )
+    print("| score | forward (s) | fit (s) | inference (s) | inference / forward | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        cmd = [sys.executable, __file__, "--n", str(args.n), "--batch-size", str(args.batch_size)]
+        proc = subprocess.run(
+            [*cmd, "--child", name], capture_output=True, text=True, env=dict(os.environ)
+        )
+        if proc.returncode != 0:
+            error = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+            print(f"| {name} | – | – | – | – | failed: {error[:80]} |")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        ratio = r["inference"] / r["forward"]
+        print(
+            f"| {name} | {r['forward']:.2f} | {r['fit']:.2f} | {r['inference']:.2f} | "
+            f"{ratio:.2f}× | {r['peak_mib']:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

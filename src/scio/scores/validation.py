@@ -1,0 +1,71 @@
+"""Input checks and the no-side-effect guard shared by every score."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["check_device", "check_inputs", "eval_mode"]
+
+
+def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str) -> None:
+    """Raise a clear error unless ``inputs`` is a non-empty floating tensor batch.
+
+    Args:
+        inputs: the batch to check.
+        sample_shape: the per-sample shape it must have (``None``: any).
+        name: the argument name used in messages.
+    """
+    if not isinstance(inputs, Tensor):
+        msg = f"`{name}` must be a torch.Tensor (got {type(inputs).__name__})"
+        raise TypeError(msg)
+    if not inputs.is_floating_point():
+        msg = f"`{name}` must have a floating dtype (got {inputs.dtype})"
+        raise TypeError(msg)
+    if inputs.ndim == 0 or len(inputs) == 0:
+        msg = f"`{name}` must hold at least one sample (got shape {tuple(inputs.shape)})"
+        raise ValueError(msg)
+    if sample_shape is not None and tuple(inputs.shape[1:]) != tuple(sample_shape):
+        msg = (
+            f"`{name}` samples must have shape {tuple(sample_shape)} like the calibration "
+            f"data (got {tuple(inputs.shape[1:])})"
+        )
+        raise ValueError(msg)
+
+
+def check_device(inputs: Tensor, net: nn.Module, *, name: str) -> None:
+    """Raise ``ValueError`` if ``inputs`` is not on the device of ``net``'s parameters."""
+    for param in net.parameters():
+        if param.device != inputs.device:
+            msg = (
+                f"`{name}` is on {inputs.device} but the network is on {param.device}; "
+                f"move one of them (e.g. `{name}.to({str(param.device)!r})`)"
+            )
+            raise ValueError(msg)
+        return
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
+    """Run ``net`` in eval mode, warning if it was training, and restore every flag."""
+    modes = {module: module.training for module in net.modules()}
+    if not any(modes.values()):
+        yield
+        return
+    warnings.warn(
+        "The network is in training mode; scio runs it in eval mode for the score's forward "
+        "passes (dropout off, batch-norm statistics frozen) and restores the mode afterwards. "
+        "Call `net.eval()` to silence this warning.",
+        UserWarning,
+        stacklevel=4,
+    )
+    net.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -1,0 +1,276 @@
+"""Save a fitted score to a file and load it next to a network, elsewhere.
+
+The file is a ``torch.save`` archive holding only tensors and plain Python values (no
+pickled classes or code), read back with ``torch.load(weights_only=True)``: loading a file
+crafted to run code fails instead of executing it. It stores a format version, the score's
+class name, its hyper-parameters, the recorded layers with their per-sample output shapes,
+the calibration input shape, and the fitted state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Iterable, Mapping
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scio.recorder import Recorder
+from scio.scores.base import BaseScore
+from scio.scores.utils import Index
+
+__all__ = ["FORMAT_VERSION", "ScoreFileError", "load_score", "save_score"]
+
+FORMAT_VERSION = 1
+_MAGIC = "scio-score"
+_INDEX_TAG = "__scio_index__"
+_TUPLE_TAG = "__scio_tuple__"
+_FLOAT_TAG = "__scio_float__"
+
+PathLike = str | os.PathLike[str]
+
+
+class ScoreFileError(ValueError):
+    """A score file is unreadable, of another format version, or does not fit the network."""
+
+
+# -- encoding of values --------------------------------------------------------------------
+def _encode(value: Any) -> Any:
+    """Turn a parameter or fitted value into tensors and plain containers."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, Index):
+        return {
+            _INDEX_TAG: True,
+            "dim": value.dim,
+            "metric": str(value.metric),
+            "samples": value.samples.detach().cpu().clone(),
+        }
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT_TAG: repr(value)}  # inf/nan survive any round trip
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    msg = f"Cannot save a value of type {type(value).__name__} ({value!r:.80})"
+    raise TypeError(msg)
+
+
+class _Target:
+    """Where decoded tensors go: a device, and a map of floating dtypes."""
+
+    def __init__(self, device: torch.device, saved: torch.dtype, dtype: torch.dtype) -> None:
+        self.device = device
+        self.saved = saved
+        self.dtype = dtype
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        # Tensors in the network's dtype at save time follow the new network's dtype;
+        # others (e.g. float64 statistics of a float32 network) keep their dtype.
+        if tensor.is_floating_point() and tensor.dtype == self.saved:
+            return tensor.to(device=self.device, dtype=self.dtype)
+        return tensor.to(device=self.device)
+
+
+def _decode(value: Any, target: _Target) -> Any:
+    """Inverse of :func:`_encode`, moving tensors as ``target`` says."""
+    if isinstance(value, Tensor):
+        return target(value)
+    if isinstance(value, dict):
+        if value.get(_INDEX_TAG) is True:
+            index = Index(dim=int(value["dim"]), metric=value["metric"])
+            samples = target(value["samples"])
+            if len(samples):
+                index.add(samples)
+            return index
+        if _TUPLE_TAG in value:
+            return tuple(_decode(v, target) for v in value[_TUPLE_TAG])
+        if _FLOAT_TAG in value:
+            return float(value[_FLOAT_TAG])
+        return {k: _decode(v, target) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, target) for v in value]
+    return value
+
+
+# -- save ----------------------------------------------------------------------------------
+def _layer_shapes(rnet: Recorder, input_shape: tuple[int, ...], dtype: torch.dtype) -> list[Any]:
+    """Per-sample output shapes of the recorded layers for a dummy input."""
+    device = _net_device(rnet.net)
+    dummy = torch.zeros((1, *input_shape), dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            rnet(dummy)
+    except Exception as exc:
+        msg = (
+            f"The network cannot process inputs of the calibration sample shape {input_shape} "
+            f"saved with the score ({type(exc).__name__}: {exc})"
+        )
+        raise ScoreFileError(msg) from exc
+    shapes = [
+        list(act.shape[1:]) if isinstance(act, Tensor) else None
+        for act in rnet.activations.values()
+    ]
+    rnet(dummy, dont_record=True)  # leave no reference to the dummy activations
+    return shapes
+
+
+def save_score(score: BaseScore, path: PathLike) -> None:
+    """Write a fitted ``score`` to ``path`` (see :func:`load_score`)."""
+    if not score.is_fit:
+        msg = f"Only a fitted score can be saved; {type(score).__name__} is not fit"
+        raise RuntimeError(msg)
+    rnet = score.rnet
+    input_shape = tuple(score.__dict__.get("_fit_input_shape", ()))
+    input_dtype = score.__dict__.get("_fit_input_dtype", torch.float32)
+    payload = {
+        "magic": _MAGIC,
+        "format_version": FORMAT_VERSION,
+        "class": type(score).__name__,
+        "params": _encode(score.params),
+        "layers": [list(layer) for layer in rnet.recording],
+        "layer_shapes": _layer_shapes(rnet, input_shape, input_dtype),
+        "input_shape": list(input_shape),
+        "n_samples": int(score.__dict__.get("_fit_n_samples", 0)),
+        "net_dtype": str(_net_dtype(rnet.net)).removeprefix("torch."),
+        "fitted": {name: _encode(getattr(score, name)) for name in score._fitted_attrs},
+    }
+    torch.save(payload, path)
+
+
+# -- load ----------------------------------------------------------------------------------
+def _net_device(net: nn.Module) -> torch.device:
+    for tensor in net.parameters():
+        return tensor.device
+    for tensor in net.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _net_dtype(net: nn.Module) -> torch.dtype:
+    for tensor in net.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _score_classes() -> dict[str, type[BaseScore]]:
+    import scio.scores as scores
+
+    classes: dict[str, type[BaseScore]] = {}
+    for name in dir(scores):
+        obj = getattr(scores, name)
+        if isinstance(obj, type) and issubclass(obj, BaseScore):
+            classes[obj.__name__] = obj
+    return classes
+
+
+def _read(path: PathLike) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = (
+            f"{os.fspath(path)!r} is not a safe scio score file: it contains objects other "
+            "than tensors and plain values, and was not loaded"
+        )
+        raise ScoreFileError(msg) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        msg = f"{os.fspath(path)!r} is not a readable scio score file ({exc})"
+        raise ScoreFileError(msg) from exc
+    if not isinstance(payload, dict) or payload.get("magic") != _MAGIC:
+        msg = f"{os.fspath(path)!r} is not a scio score file"
+        raise ScoreFileError(msg)
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        msg = (
+            f"{os.fspath(path)!r} uses scio score format version {version!r}; this scio "
+            f"reads version {FORMAT_VERSION}"
+        )
+        raise ScoreFileError(msg)
+    return payload
+
+
+def load_score(
+    path: PathLike,
+    net: nn.Module,
+    *,
+    expected: type[BaseScore] | None = None,
+    classes: Iterable[type[BaseScore]] = (),
+    **recorder_kwargs: Any,
+) -> BaseScore:
+    """Load a score saved with ``score.save(path)`` and bind it to ``net``.
+
+    A fresh :class:`~scio.recorder.Recorder` on ``net`` records the same layers; the fitted
+    state moves to the device and floating dtype of ``net``.
+
+    Args:
+        path: the score file.
+        net: the network to bind the score to (same architecture as at fit time).
+        expected: if given, the file must hold a score of exactly this class.
+        classes: extra (user-defined) score classes the file may name; built-in scores are
+            always known. No other class is ever imported.
+        **recorder_kwargs: passed to the new recorder (default: a zero input of the saved
+            calibration shape).
+
+    Raises:
+        ScoreFileError: unsafe or unreadable file, other format version, other algorithm
+            than ``expected``, or recorded layers whose shapes differ on ``net``.
+    """
+    payload = _read(path)
+    known = _score_classes()
+    known.update({cls.__name__: cls for cls in classes})
+    name = payload["class"]
+    if expected is not None and name != expected.__name__:
+        msg = f"{os.fspath(path)!r} holds a {name} score, not a {expected.__name__}"
+        raise ScoreFileError(msg)
+    if name not in known:
+        msg = (
+            f"{os.fspath(path)!r} holds a score of unknown class {name!r}; pass it with "
+            "`classes=[...]` if it is your own"
+        )
+        raise ScoreFileError(msg)
+    cls = known[name]
+    device, dtype = _net_device(net), _net_dtype(net)
+    input_shape = tuple(int(s) for s in payload["input_shape"])
+    if "input_data" not in recorder_kwargs and "input_size" not in recorder_kwargs:
+        recorder_kwargs["input_data"] = torch.zeros((1, *input_shape), dtype=dtype, device=device)
+    rnet = Recorder(net, **recorder_kwargs)
+    layers = [tuple(layer) for layer in payload["layers"]]
+    try:
+        rnet.record(*layers)
+    except ValueError as exc:
+        msg = f"The network has no layers {layers} recorded by the saved score ({exc})"
+        raise ScoreFileError(msg) from exc
+    shapes = _layer_shapes(rnet, input_shape, dtype)
+    if shapes != payload["layer_shapes"]:
+        msg = (
+            f"Recorded layers {layers} have per-sample shapes {shapes} on this network, but "
+            f"{payload['layer_shapes']} in the saved score"
+        )
+        raise ScoreFileError(msg)
+    saved_dtype = getattr(torch, str(payload.get("net_dtype", "float32")), torch.float32)
+    target = _Target(device, saved_dtype, dtype)
+    score = cls(**_decode(payload["params"], target))
+    n_samples = int(payload.get("n_samples", 0))
+    if n_samples:
+        score._check_params(n_samples)  # validates and normalises parameters as fit does
+    for attr, value in payload["fitted"].items():
+        setattr(score, attr, _decode(value, target))
+    score._rnet = rnet
+    score._fit_input_shape = input_shape
+    score._fit_input_dtype = dtype
+    score._fit_n_samples = n_samples
+    score._is_fit = True
+    return score
