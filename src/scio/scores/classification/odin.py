@@ -1,0 +1,88 @@
+"""ODIN: temperature scaling and input pre-processing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.utils import batched_grad, fgm_direction
+from scio.utils.misc import check
+
+__all__ = ["ODIN"]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half precision is computed in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _tempered_softmax(logits: Tensor, temperature: float) -> Tensor:
+    work = logits.to(_work_dtype(logits.dtype))
+    return torch.softmax(work / temperature, dim=1).to(logits.dtype)
+
+
+class ODIN(StreamingCalibration, BaseScoreClassif):
+    """ODIN (Liang et al., "Enhancing The Reliability of Out-of-distribution Image Detection
+    in Neural Networks", ICLR 2018).
+
+    Idea: temperature scaling spreads the softmax probabilities, and a small input step that
+    increases the top softmax score helps in-distribution inputs more than OoD ones.
+
+    Formula: with ``S(x) = softmax(f(x) / T)`` and
+    ``x' = x + epsilon * d``, ``d`` the unit ``fgm_norm``-norm direction maximising
+    ``<grad_x max_c log S(x)_c, d>`` (``sign`` of the gradient for ``fgm_norm = inf``, as in
+    the paper), conformity ``c_j = S(x')_j`` (``x' = x`` when ``epsilon = 0``).
+
+    Args:
+        temperature: ``T > 0`` (required; the paper uses 1000).
+        epsilon: perturbation magnitude (0 disables the input pre-processing).
+        fgm_norm: norm of the perturbation, ``>= 1`` (default ``inf``).
+        act_norm: unused (no recorded layer is read).
+        mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
+
+    Cost: nothing at calibration (no forward pass, labels ignored). Inference: one forward
+    with ``epsilon = 0``; otherwise one forward and one backward to the inputs, plus one
+    forward on the perturbed inputs (about 3 forwards, with the input-sized gradient in
+    memory). Unlike the reference, the caller's ``inputs`` are left untouched (their
+    ``requires_grad`` flag is not switched on: gradients are taken w.r.t. a detached view)
+    and the returned ``out`` (the logits of the unperturbed inputs) is detached.
+    """
+
+    temperature: float
+    epsilon: float = 0.0
+    fgm_norm: float = math.inf
+
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        check(self.temperature > 0)
+        check(self.fgm_norm >= 1)
+
+    @property
+    def _inference_needs_grad(self) -> bool:
+        return bool(self.epsilon != 0)
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        """Nothing to learn."""
+
+    def _calib_end(self) -> None:
+        """Nothing to learn."""
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        temperature = self.temperature
+        if self.epsilon == 0:
+            out = self.rnet(inputs, dont_record=True)
+            return out, _tempered_softmax(out, temperature)
+        x = inputs.detach().requires_grad_()  # a new view: the caller's flag is unchanged
+        out = self.rnet(x, dont_record=True)
+        work = out.to(_work_dtype(out.dtype))
+        top = torch.log_softmax(work / temperature, dim=1).max(dim=1).values
+        grad = batched_grad(top, x)
+        x_adv = x.detach() + self.epsilon * fgm_direction(grad, p=self.fgm_norm)
+        with torch.no_grad():
+            adv_out = self.rnet(x_adv, dont_record=True)
+        return out.detach(), _tempered_softmax(adv_out, temperature)

@@ -1,0 +1,117 @@
+"""ReAct: clip recorded activations at a calibration percentile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.utils import torch_quantile
+from scio.utils.misc import check
+
+__all__ = ["ReAct"]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half precision is computed in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _quantile(values: Tensor, q: float, interpolation: Literal["higher", "lower"]) -> Tensor:
+    """Quantile of every element of ``values``, in the dtype of ``values``.
+
+    The rank arithmetic of ``torch_quantile`` is done in the input dtype, which overflows
+    for float16 beyond 65504 elements and skips elements in float32 beyond 2**24 elements:
+    the selection is therefore made on a float64 copy (exact, the selected value is cast
+    back without loss).
+    """
+    exact = values if values.dtype == torch.float64 else values.to(torch.float64)
+    return torch_quantile(exact, q, interpolation=interpolation).to(values.dtype)
+
+
+def _clipper(low: Tensor | None, high: Tensor) -> Callable[[Tensor], Tensor]:
+    """Activation post-processor ``a -> clamp(a, low, high)`` (built at inference only)."""
+
+    def clip(activation: Tensor) -> Tensor:
+        device, dtype = activation.device, activation.dtype
+        lower = None if low is None else low.to(device=device, dtype=dtype)
+        return activation.clamp(min=lower, max=high.to(device=device, dtype=dtype))
+
+    return clip
+
+
+class ReAct(StreamingCalibration, BaseScoreClassif):
+    """ReAct (Sun et al., "ReAct: Out-of-distribution Detection With Rectified
+    Activations", NeurIPS 2021).
+
+    Idea: OoD inputs trigger abnormally large activations in the penultimate layers; clipping
+    the recorded activations at a high percentile of their in-distribution values removes
+    this over-confidence while barely changing in-distribution outputs.
+
+    Formula: at calibration, ``h = quantile(A, percentile / 100)`` (``"higher"``
+    interpolation) over **all elements** ``A`` of the (``act_norm``-normalised) calibration
+    activations (``l = quantile(A, 1 - percentile / 100)``, ``"lower"`` interpolation, when
+    ``symmetric``); at inference every recorded activation ``a`` is replaced by
+    ``clamp(a, l, h)`` during a second forward, and conformity ``c_j = softmax(z_clipped)_j``.
+
+    Args:
+        percentile: clipping percentile, ``0.5 * symmetric < percentile / 100 <= 1``
+            (default 90, the paper's value).
+        symmetric: also clip from below at the ``100 - percentile`` percentile.
+        per_layer: one threshold (pair) per recorded layer, in firing order; otherwise the
+            recorded layers are flattened and concatenated (then ``act_norm``-normalised)
+            and one threshold is shared by every layer.
+        act_norm: normalisation of the calibration activations (thresholds are applied to
+            raw activations at inference, as in the reference).
+        mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
+
+    Fitted state: ``clip_high`` (tuple of 0-d tensors, one per threshold set) and
+    ``clip_low`` (same, or ``None`` entries when not ``symmetric``).
+
+    Cost: calibration uses the shared recording forward but, because exact quantiles need
+    every value, keeps **all** recorded calibration activations (``n_calib * d`` elements,
+    ``d`` the flattened size of the recorded layers) until the end of calibration, plus a
+    temporary float64 copy for the selection. Inference: two forwards (plain logits, then
+    clipped), no recording kept.
+    """
+
+    percentile: float = 90.0
+    symmetric: bool = False
+    per_layer: bool = False
+
+    _fitted_attrs = ("clip_low", "clip_high")
+
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        check(0.5 * self.symmetric < self.percentile / 100 <= 1)
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        activations = self.normalize(batch.activations, concatenate=not self.per_layer)
+        for i, activation in enumerate(activations):
+            self._state.append(f"layer{i}", activation.reshape(-1))
+
+    def _calib_end(self) -> None:
+        q = self.percentile / 100
+        highs: list[Tensor] = []
+        lows: list[Tensor | None] = []
+        i = 0
+        while f"layer{i}" in self._state:
+            values = self._state.cat(f"layer{i}")
+            highs.append(_quantile(values, q, "higher"))
+            lows.append(_quantile(values, 1 - q, "lower") if self.symmetric else None)
+            i += 1
+        self.clip_high: tuple[Tensor, ...] = tuple(highs)
+        self.clip_low: tuple[Tensor | None, ...] = tuple(lows)
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.rnet(inputs, dont_record=True)
+        clippers = [_clipper(low, high) for low, high in zip(self.clip_low, self.clip_high)]
+        postproc = clippers if self.per_layer else clippers[0]
+        clipped = self.rnet(inputs, activation_postproc=postproc, dont_record=True)
+        conformity = torch.softmax(clipped, dim=1, dtype=_work_dtype(clipped.dtype))
+        return out, conformity.to(clipped.dtype)
