@@ -1,0 +1,617 @@
+"""Exact ("flat") nearest-neighbour index: squared L2 distance or inner product.
+
+The default backend is pure torch: the population lives on the device of the first added
+samples and searches run there (tiled matrix products + ``topk``), so a GPU user never pays a
+GPU → CPU → GPU round trip. ``faiss`` (``pip install scio[faiss]``) is an optional backend with
+the same semantics, selected with ``backend="faiss"``.
+
+Semantics shared by both backends (they are faiss' ``IndexFlatL2`` / ``IndexFlatIP``):
+
+* ``D`` is the **squared** L2 distance sorted ascending (``"l2"``) or the inner product sorted
+  descending (``"ip"``); ``I`` holds the positions of the neighbours in the index.
+* Missing neighbours (``k`` larger than the population, or candidates whose distance is NaN or
+  not better than the filler) are reported as ``I = -1`` and ``D = 3.4028235e38`` (``"l2"``) or
+  ``-3.4028235e38`` (``"ip"``), i.e. ``±FLT_MAX``, which becomes ``±inf`` in float16.
+* Torch backend only: exactly tied distances are ordered by increasing id (the lower id is
+  returned first, also when choosing which tied candidates make it into the ``k`` returned).
+  faiss applies the same rule for ``"l2"`` but not always for ``"ip"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, ClassVar, Literal, TypeAlias, overload
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from scio.utils.enums import IndexMetric, IndexMetricLike
+
+__all__ = ["FLT_MAX", "Index", "IndexBackend", "IndexNest", "IndexType", "make_indexes"]
+
+FLT_MAX = float(np.finfo(np.float32).max)
+"""faiss' filler value ``3.4028235e38`` (largest finite float32)."""
+
+IndexBackend: TypeAlias = Literal["torch", "faiss"]
+IndexNest: TypeAlias = "Index | tuple[IndexNest, ...]"
+IdsLike: TypeAlias = "Tensor | npt.ArrayLike"
+
+_DEFAULT_BLOCK_BYTES = 256 * 2**20
+_DIRECT_L2_MAX_ELEMENTS = 2**20  # below this (nq·N·d), L2 is computed with exact differences
+
+
+def _import_faiss() -> ModuleType:
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = (
+            "The 'faiss' index backend requires the optional dependency faiss: "
+            "`pip install scio[faiss]` (or `pip install faiss-cpu`)"
+        )
+        raise ImportError(msg) from exc
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch backend
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchIndexFlat:
+    """Exact flat index stored as a torch tensor (torch backend of :class:`Index`).
+
+    The population keeps the device and (floating) dtype of the first added samples; float16 /
+    bfloat16 populations are searched in float32, float64 ones in float64. Non-floating samples
+    are stored as float32.
+    """
+
+    metric: ClassVar[IndexMetric]
+
+    def __init__(self, d: int, *, max_block_bytes: int = _DEFAULT_BLOCK_BYTES) -> None:
+        self.d = d
+        self.max_block_bytes = max_block_bytes
+        self._data: Tensor | None = None
+        self._sqnorms: Tensor | None = None  # squared norms in compute dtype (l2 only)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of samples in the index."""
+        return 0 if self._data is None else self._data.shape[0]
+
+    @property
+    def data(self) -> Tensor | None:
+        """The stored population ``(ntotal, d)`` (``None`` before the first ``add``)."""
+        return self._data
+
+    def add(self, x: Tensor) -> None:
+        """Append ``x`` of shape ``(n, d)`` (copied) to the population."""
+        x = x.detach()
+        if self._data is None:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            new = x.to(dtype=dtype, copy=True).contiguous()
+        else:
+            new = x.to(device=self._data.device, dtype=self._data.dtype)
+        sq = None
+        if self.metric == IndexMetric.L2:
+            sq = new.to(_compute_dtype(new.dtype)).square().sum(dim=1)
+        if self._data is None:
+            self._data, self._sqnorms = new, sq
+        else:
+            self._data = torch.cat([self._data, new])
+            if sq is not None and self._sqnorms is not None:
+                self._sqnorms = torch.cat([self._sqnorms, sq])
+
+    def remove_ids(self, ids: Tensor) -> int:
+        """Remove the samples at positions ``ids`` (others keep their order); count removed."""
+        if self._data is None:
+            return 0
+        n = self._data.shape[0]
+        ids = ids.to(device=self._data.device, dtype=torch.int64).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < n)]
+        keep = torch.ones(n, dtype=torch.bool, device=self._data.device)
+        keep[ids] = False
+        n_kept = int(keep.sum())
+        if n_kept < n:
+            self._data = self._data[keep]
+            if self._sqnorms is not None:
+                self._sqnorms = self._sqnorms[keep]
+        return n - n_kept
+
+    def search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact k-NN of ``q`` ``(nq, d)``: ``(D, I)`` on the population's device.
+
+        ``D`` is in the compute dtype, fillers included (see module docstring).
+        """
+        ip = self.metric == IndexMetric.IP
+        filler = -FLT_MAX if ip else FLT_MAX
+        nq = q.shape[0]
+        if self._data is None:
+            D = torch.full((nq, k), filler, dtype=torch.float32, device=q.device)
+            return D, torch.full((nq, k), -1, dtype=torch.int64, device=q.device)
+        data = self._data
+        device, cdtype = data.device, _compute_dtype(data.dtype)
+        q = q.to(device=device, dtype=cdtype)
+        n = data.shape[0]
+        kk = min(k, n)
+        costs = torch.empty((nq, kk), dtype=cdtype, device=device)
+        ids = torch.empty((nq, kk), dtype=torch.int64, device=device)
+        if kk > 0 and nq > 0:
+            self._search_into(q, kk, costs, ids, ip=ip)
+        # ``costs`` are minimised: squared distance (l2) or minus the inner product (ip).
+        invalid = ~(costs < FLT_MAX)  # NaN, or not better than faiss' filler
+        D = costs.neg().add_(0.0) if ip else costs  # ``+ 0.0`` turns -0.0 into +0.0
+        D = D.masked_fill(invalid, filler)
+        ids = ids.masked_fill(invalid, -1)
+        if kk < k:
+            D = torch.cat([D, D.new_full((nq, k - kk), filler)], dim=1)
+            ids = torch.cat([ids, ids.new_full((nq, k - kk), -1)], dim=1)
+        return D, ids
+
+    def _search_into(self, q: Tensor, k: int, costs: Tensor, ids: Tensor, *, ip: bool) -> None:
+        assert self._data is not None
+        data = self._data
+        cdtype = q.dtype
+        nq, n, d = q.shape[0], data.shape[0], data.shape[1]
+        direct = not ip and nq * n * d <= _DIRECT_L2_MAX_ELEMENTS
+        budget = max(1, self.max_block_bytes // q.element_size())
+        if direct or nq * n <= budget:
+            q_tile, p_tile = nq, n
+        else:
+            p_tile = min(n, max(1, budget // min(nq, 256)))
+            q_tile = max(1, min(nq, budget // p_tile))
+        for q0 in range(0, nq, q_tile):
+            qb = q[q0 : q0 + q_tile]
+            qsq = None if ip else qb.square().sum(dim=1, keepdim=True)
+            best: tuple[Tensor, Tensor] | None = None
+            for p0 in range(0, n, p_tile):
+                xb = data[p0 : p0 + p_tile].to(cdtype)
+                offset = None
+                if ip:
+                    block = torch.mm(qb.neg(), xb.T)
+                elif direct:
+                    block = (qb[:, None, :] - xb[None, :, :]).square().sum(dim=2)
+                else:
+                    assert self._sqnorms is not None
+                    # ||q||² is added (and the result clamped at 0) after the selection
+                    block = torch.addmm(self._sqnorms[p0 : p0 + p_tile], qb, xb.T, alpha=-2)
+                    offset = qsq
+                v, i = _smallest_k(block, min(k, block.shape[1]), offset, self.max_block_bytes)
+                i += p0
+                best = (v, i) if best is None else _merge(best, (v, i), k)
+            assert best is not None
+            costs[q0 : q0 + q_tile], ids[q0 : q0 + q_tile] = best
+
+
+class TorchIndexFlatL2(TorchIndexFlat):
+    """Torch flat index, squared L2 distance."""
+
+    metric = IndexMetric.L2
+
+
+class TorchIndexFlatIP(TorchIndexFlat):
+    """Torch flat index, inner product."""
+
+    metric = IndexMetric.IP
+
+
+def _merge(
+    first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], k: int
+) -> tuple[Tensor, Tensor]:
+    """Merge two partial results, each ordered by (value, id), all ids of ``first`` being lower
+    than those of ``second``: a stable sort of the concatenation orders by (value, id)."""
+    values = torch.cat([first[0], second[0]], dim=1)
+    ids = torch.cat([first[1], second[1]], dim=1)
+    values, order = values.sort(dim=1, stable=True)
+    return values[:, :k], ids.gather(1, order[:, :k])
+
+
+def _smallest_k(
+    cost: Tensor,
+    k: int,
+    offset: Tensor | None = None,
+    max_block_bytes: int = _DEFAULT_BLOCK_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest entries of each row, ordered by (value, column), NaN last.
+
+    Exactly tied values are resolved towards the lowest column, including at the boundary
+    (which of several tied candidates is kept). With ``offset`` ``(rows, 1)``, the values are
+    ``f(cost) = max(cost + offset, 0)``; as ``f`` is non-decreasing (also in floating point),
+    it is only applied to the selected candidates, which gives exactly the same result as
+    selecting on ``f(cost)``.
+    """
+
+    def final(values: Tensor, rows: Tensor | slice) -> Tensor:
+        return values if offset is None else (values + offset[rows]).clamp_(min=0)
+
+    all_rows = slice(None)
+    if k >= cost.shape[1]:
+        return final(cost, all_rows).sort(dim=1, stable=True)
+    # One extra candidate tells whether ties cross the boundary (k-th == (k+1)-th value).
+    _, idx = cost.topk(k + 1, dim=1, largest=False, sorted=False)
+    idx = idx.sort(dim=1).values
+    vals = final(cost.gather(1, idx), all_rows)
+    vals, order = vals.sort(dim=1, stable=True)
+    idx = idx.gather(1, order)
+    tied = (vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] < FLT_MAX)
+    vals, idx = vals[:, :k], idx[:, :k]
+    if bool(tied.any()):
+        # Rows where ties cross the boundary: keep every candidate strictly below the k-th
+        # value, then the lowest columns among those equal to it (a top-k on integer keys).
+        # Processed by chunks of rows to bound memory.
+        tied_rows = tied.nonzero().squeeze(1)
+        n_cols = cost.shape[1]
+        columns = torch.arange(n_cols, device=cost.device, dtype=torch.int32).unsqueeze(0)
+        chunk = max(1, max_block_bytes // (16 * n_cols))
+        for start in range(0, len(tied_rows), chunk):
+            rows = tied_rows[start : start + chunk]
+            sub = final(cost[rows], rows)
+            kth = vals[rows, k - 1 :]
+            keys = torch.where(sub < kth, -1, torch.where(sub == kth, columns, n_cols))
+            sel = keys.topk(k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+            sel_vals, order = sub.gather(1, sel).sort(dim=1, stable=True)
+            vals[rows] = sel_vals
+            idx[rows] = sel.gather(1, order)
+    return vals, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def IndexType(metric: IndexMetricLike, *, backend: IndexBackend = "torch") -> Any:  # noqa: N802
+    """Flat index class for ``metric`` and ``backend``.
+
+    ``torch``: :class:`TorchIndexFlatL2` / :class:`TorchIndexFlatIP`; ``faiss``:
+    ``faiss.IndexFlatL2`` / ``faiss.IndexFlatIP``. Both are built as ``cls(dim)``.
+
+    Raises:
+        ValueError: ``metric`` is not a valid :class:`IndexMetric` or ``backend`` is unknown.
+        NotImplementedError: the metric member has no flat index.
+        ImportError: ``backend="faiss"`` without faiss installed.
+
+    """
+    member = IndexMetric(metric)
+    if member not in (IndexMetric.L2, IndexMetric.IP):
+        msg = f"Unsupported metric: {metric!r}"
+        raise NotImplementedError(msg)
+    if backend == "torch":
+        return TorchIndexFlatL2 if member == IndexMetric.L2 else TorchIndexFlatIP
+    if backend == "faiss":
+        faiss = _import_faiss()
+        return faiss.IndexFlatL2 if member == IndexMetric.L2 else faiss.IndexFlatIP
+    msg = f"Unsupported index backend: {backend!r}. Supported: 'faiss', 'torch'"
+    raise ValueError(msg)
+
+
+def _flatten(samples: Tensor | npt.ArrayLike) -> Tensor:
+    t = samples if isinstance(samples, Tensor) else torch.as_tensor(samples)
+    if t.ndim == 0:
+        msg = "Samples must be at least 1D, with samples along the first dimension (got scalar)"
+        raise ValueError(msg)
+    return t.detach().reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+class Index:
+    """Exact nearest-neighbour index (squared L2 distance or inner product).
+
+    Args:
+        dim: Flattened dimension of the samples.
+        metric: ``"l2"`` (squared Euclidean distance, ascending) or ``"ip"`` (inner product,
+            descending).
+        backend: ``"torch"`` (default, searches on the population's device) or ``"faiss"``
+            (requires ``pip install scio[faiss]``; CPU, float32; the raw index is the attribute
+            ``faiss``).
+        max_block_bytes: Torch backend only: memory bound of one block of the distance matrix.
+
+    """
+
+    faiss: Any
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        metric: IndexMetricLike,
+        backend: IndexBackend = "torch",
+        max_block_bytes: int = _DEFAULT_BLOCK_BYTES,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 0:
+            msg = f"`dim` must be a non-negative integer (got {dim!r})"
+            raise ValueError(msg)
+        index_cls = IndexType(metric, backend=backend)
+        self._dim = int(dim)
+        self._metric = metric
+        self._backend: IndexBackend = backend
+        self._torch: TorchIndexFlat | None = None
+        if backend == "faiss":
+            self.faiss = index_cls(self._dim)
+        else:
+            self._torch = index_cls(self._dim, max_block_bytes=max_block_bytes)
+
+    # --- properties --------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Flattened dimension of the samples."""
+        return self._dim
+
+    @property
+    def metric(self) -> IndexMetricLike:
+        """The metric, as given at construction."""
+        return self._metric
+
+    @property
+    def backend(self) -> IndexBackend:
+        """``"torch"`` or ``"faiss"``."""
+        return self._backend
+
+    @property
+    def samples(self) -> Tensor:
+        """The indexed samples, ``(ntotal, dim)`` (as stored; faiss: float32 on CPU)."""
+        if self._torch is not None:
+            data = self._torch.data
+            return data if data is not None else torch.empty(0, self._dim)
+        return torch.from_numpy(self.faiss.reconstruct_n(0, self.faiss.ntotal))
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed samples."""
+        if self._torch is not None:
+            return self._torch.ntotal
+        return int(self.faiss.ntotal)
+
+    @property
+    def D_is_similarity(self) -> bool:  # noqa: N802
+        """Whether ``D`` is a similarity (inner product) rather than a distance."""
+        return IndexMetric(self._metric) == IndexMetric.IP
+
+    def __repr__(self) -> str:
+        return (
+            f"Index(dim={self.dim}, metric={str(self._metric)!r}, ntotal={self.ntotal}, "
+            f"backend={self._backend!r})"
+        )
+
+    # --- operations --------------------------------------------------------------------------
+
+    def _check_dim(self, flat: Tensor) -> None:
+        if flat.shape[1] != self._dim:
+            msg = (
+                f"Expected samples of flattened dimension {self._dim} "
+                f"(got {flat.shape[1]}, from shape {tuple(flat.shape)})"
+            )
+            raise ValueError(msg)
+
+    def add(self, samples: Tensor) -> None:
+        """Add ``samples`` (flattened to ``(n, -1)``) at the end of the index."""
+        flat = _flatten(samples)
+        self._check_dim(flat)
+        if self._torch is not None:
+            with torch.no_grad():
+                self._torch.add(flat)
+        else:
+            arr = np.ascontiguousarray(flat.cpu().numpy(), dtype=np.float32)
+            self.faiss.add(arr)
+
+    def remove_ids(self, ids: IdsLike) -> int:
+        """Remove the samples at the current positions ``ids``; return how many were removed.
+
+        The remaining samples keep their relative order (their positions shift down).
+        Out-of-range or duplicate ids are ignored.
+        """
+        ids_t = (
+            ids.detach() if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
+        ).reshape(-1)
+        if self._torch is not None:
+            return self._torch.remove_ids(ids_t)
+        arr = np.ascontiguousarray(ids_t.cpu().numpy(), dtype=np.int64)
+        return int(self.faiss.remove_ids(arr))
+
+    def search(self, samples: Tensor, k: int, *, self_query: bool = False) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest neighbours of each sample.
+
+        Args:
+            samples: Queries, flattened to ``(n, -1)``.
+            k: Number of neighbours.
+            self_query: The index was built from exactly these samples in the same order, and
+                each query must not be its own neighbour: ``k + 1`` neighbours are searched,
+                then the column where ``I`` equals the row index is dropped if it is among the
+                first ``k``, else the last column.
+
+        Returns:
+            ``(D, I)`` of shape ``(n, k)``: ``D`` (squared L2 ascending, or inner product
+            descending) with the queries' dtype and device, ``I`` int64 on the queries' device.
+            Missing neighbours: ``I = -1``, ``D = ±3.4028235e38``.
+
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            msg = f"`k` must be a non-negative integer (got {k!r})"
+            raise ValueError(msg)
+        k = int(k)
+        flat = _flatten(samples)
+        self._check_dim(flat)
+        device = flat.device
+        out_dtype = flat.dtype if flat.is_floating_point() else torch.float32
+        n, kk = flat.shape[0], k + bool(self_query)
+        if self._torch is not None:
+            with torch.no_grad():
+                D, I = self._torch.search(flat, kk)
+        elif n == 0 or kk == 0:
+            D = torch.full((n, kk), -FLT_MAX if self.D_is_similarity else FLT_MAX)
+            I = torch.full((n, kk), -1, dtype=torch.int64)
+        else:
+            arr = np.ascontiguousarray(flat.cpu().numpy(), dtype=np.float32)
+            D_np, I_np = self.faiss.search(arr, kk)
+            D, I = torch.from_numpy(D_np), torch.from_numpy(I_np).to(torch.int64)
+        if self_query:
+            D, I = _drop_self(D, I, k)
+        return D.to(device=device, dtype=out_dtype), I.to(device=device)
+
+
+def _drop_self(D: Tensor, I: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Drop, per row, the column where ``I`` is the row index (among the first ``k``) or else
+    the last one."""
+    n = I.shape[0]
+    if k == 0:
+        return D[:, :0], I[:, :0]
+    rows = torch.arange(n, device=I.device).unsqueeze(1)
+    match = I[:, :k] == rows
+    pos = torch.where(match.any(dim=1), match.to(torch.int8).argmax(dim=1), k)
+    keep = torch.arange(k + 1, device=I.device).unsqueeze(0) != pos.unsqueeze(1)
+    return D[keep].reshape(n, k), I[keep].reshape(n, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# make_indexes
+# ---------------------------------------------------------------------------------------------
+
+
+def _group_indexes(
+    samples: Tensor,
+    groups: Tensor | None,
+    n_groups: int,
+    metric: IndexMetricLike,
+    backend: IndexBackend,
+) -> tuple[Index, ...]:
+    flat = _flatten(samples)
+    dim = flat.shape[1]
+    if groups is None:
+        chunks: Sequence[Tensor] = [flat]
+    else:
+        groups = groups.detach().reshape(-1).to(flat.device)
+        if groups.shape[0] != flat.shape[0]:
+            msg = (
+                f"Each groups tensor must have one value per sample (got {groups.shape[0]} "
+                f"values for {flat.shape[0]} samples)"
+            )
+            raise ValueError(msg)
+        if groups.is_floating_point() or groups.is_complex():
+            chunks = [flat[groups == value] for value in range(n_groups)]
+        else:
+            g = groups.to(torch.int64)
+            sel = ((g >= 0) & (g < n_groups)).nonzero().squeeze(1)
+            g = g[sel]
+            order = g.argsort(stable=True)
+            counts = torch.bincount(g, minlength=n_groups).tolist()
+            chunks = flat[sel[order]].split(counts)
+    out = []
+    for chunk in chunks:
+        index = Index(dim=dim, metric=metric, backend=backend)
+        index.add(chunk)
+        out.append(index)
+    return tuple(out)
+
+
+@overload
+def make_indexes(
+    all_samples: Tensor,
+    all_groups: None = None,
+    *,
+    n_groups: int | None = None,
+    metric: IndexMetricLike,
+    squeeze: Literal[True] = True,
+    backend: IndexBackend = "torch",
+) -> Index: ...
+
+
+@overload
+def make_indexes(
+    all_samples: Sequence[Tensor],
+    all_groups: None = None,
+    *,
+    n_groups: int | None = None,
+    metric: IndexMetricLike,
+    squeeze: Literal[True] = True,
+    backend: IndexBackend = "torch",
+) -> tuple[Index, ...]: ...
+
+
+@overload
+def make_indexes(
+    all_samples: Tensor,
+    all_groups: Tensor,
+    *,
+    n_groups: int | None = None,
+    metric: IndexMetricLike,
+    squeeze: Literal[True] = True,
+    backend: IndexBackend = "torch",
+) -> tuple[Index, ...]: ...
+
+
+@overload
+def make_indexes(
+    all_samples: Tensor | Sequence[Tensor],
+    all_groups: Tensor | Sequence[Tensor] | None = None,
+    *,
+    n_groups: int | None = None,
+    metric: IndexMetricLike,
+    squeeze: bool = True,
+    backend: IndexBackend = "torch",
+) -> IndexNest: ...
+
+
+def make_indexes(
+    all_samples: Tensor | Sequence[Tensor],
+    all_groups: Tensor | Sequence[Tensor] | None = None,
+    *,
+    n_groups: int | None = None,
+    metric: IndexMetricLike,
+    squeeze: bool = True,
+    backend: IndexBackend = "torch",
+) -> IndexNest:
+    """Build one :class:`Index` per (groups tensor, samples tensor, group value).
+
+    The index for group value ``g`` holds the samples whose group equals ``g``, in their
+    original order (empty groups give empty indexes). The result is nested as
+    ``groups tensors → samples tensors → group values``. With ``squeeze``, the groups level is
+    dropped if ``all_groups`` is a tensor or ``None``, the samples level if ``all_samples`` is a
+    tensor, and the group-value level if ``all_groups`` is ``None`` (then ``n_groups=1``).
+
+    Example: ``make_indexes(acts, metric="l2")`` → one ``Index``;
+    ``make_indexes((acts1, acts2), labels, n_groups=C, metric="ip")`` → ``((Index,)*C,)*2``.
+
+    Raises:
+        ValueError: ``all_groups`` is given but ``n_groups`` is not a positive integer.
+
+    """
+    samples_seq = (all_samples,) if isinstance(all_samples, Tensor) else tuple(all_samples)
+    groups_seq: tuple[Tensor | None, ...]
+    if all_groups is None:
+        groups_seq, n = (None,), 1
+    else:
+        if (
+            isinstance(n_groups, bool)
+            or not isinstance(n_groups, int | np.integer)
+            or n_groups <= 0
+        ):
+            msg = (
+                "Since `all_groups is not None`, `n_groups` must be a positive integer "
+                f"(got {n_groups})"
+            )
+            raise ValueError(msg)
+        n = int(n_groups)
+        groups_seq = (all_groups,) if isinstance(all_groups, Tensor) else tuple(all_groups)
+
+    squeeze_values = squeeze and all_groups is None
+    squeeze_samples = squeeze and isinstance(all_samples, Tensor)
+    squeeze_groups = squeeze and (all_groups is None or isinstance(all_groups, Tensor))
+
+    def per_samples(samples: Tensor, groups: Tensor | None) -> IndexNest:
+        indexes = _group_indexes(samples, groups, n, metric, backend)
+        return indexes[0] if squeeze_values else indexes
+
+    def per_groups(groups: Tensor | None) -> IndexNest:
+        level = tuple(per_samples(samples, groups) for samples in samples_seq)
+        return level[0] if squeeze_samples else level
+
+    top = tuple(per_groups(groups) for groups in groups_seq)
+    return top[0] if squeeze_groups else top
