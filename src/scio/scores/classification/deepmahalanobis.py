@@ -1,0 +1,370 @@
+"""DeepMahalanobis: class-conditional Gaussians with a shared covariance, per layer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch, validate_labels
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.utils import batched_grad, fgm_direction
+from scio.utils.misc import check
+
+__all__ = ["DeepMahalanobis"]
+
+_F64 = torch.float64
+#: Hyper-parameters used at inference only: changing them keeps the score fit.
+_INFERENCE_PARAMS = frozenset({"epsilon", "fgm_norm", "weights"})
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64, everything else is computed in float32."""
+    return _F64 if dtype == _F64 else torch.float32
+
+
+def _eigh(cov: Tensor, raw_scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Eigen-decomposition of a symmetric float64 matrix, with its numerically kept part.
+
+    Returns ``(eigenvalues, eigenvectors, keep)`` where ``keep`` marks the eigenvalues above
+    ``d · eps · max(λ_max, raw_scale)`` (``raw_scale`` accounts for the cancellation error
+    of a covariance derived from raw second moments), or ``None`` if ``cov`` is not finite.
+    """
+    if not bool(cov.isfinite().all()):
+        return None
+    cov = (cov + cov.T) / 2
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    d = cov.shape[0]
+    top = float(eigvals.abs().max()) if d else 0.0
+    tol = max(d, 1) * torch.finfo(_F64).eps * max(top, raw_scale)
+    return eigvals, eigvecs, eigvals > tol
+
+
+def _whitening(cov: Tensor, raw_scale: float, where: str) -> Tensor:
+    """``W`` (``d × r``, float64) with ``W Wᵀ`` the inverse (or pseudo-inverse) of ``cov``.
+
+    Warns (naming ``where``) when ``cov`` is singular (pseudo-inverse used) or not finite
+    (NaN matrix returned).
+    """
+    d = cov.shape[0]
+    decomposition = _eigh(cov, raw_scale)
+    if decomposition is None:
+        warnings.warn(
+            f"Non-finite {where}: its Mahalanobis distances are NaN (conformity -inf). "
+            "Calibration needs at least two samples with finite features",
+            UserWarning,
+            stacklevel=2,
+        )
+        return torch.full((d, d), math.nan, dtype=_F64, device=cov.device)
+    eigvals, eigvecs, keep = decomposition
+    rank = int(keep.sum())
+    if rank < d:
+        warnings.warn(
+            f"Singular {where} (numerical rank {rank} < dimension {d}): using its pseudo-inverse",
+            UserWarning,
+            stacklevel=2,
+        )
+    return eigvecs[:, keep] * eigvals[keep].rsqrt()
+
+
+def _rescaled_grad(objective: Tensor, z: Tensor, x: Tensor) -> Tensor:
+    """Input gradient of ``objective`` (one value per sample) after dividing each sample's
+    objective by the max-abs of its gradient w.r.t. the features ``z``.
+
+    The FGM direction is invariant to a positive per-sample scaling, so this rescues the
+    direction when the plain backward overflows (typically in float16 with a
+    badly-conditioned covariance, whose gradients exceed the float16 range).
+    """
+    grad_z = batched_grad(objective, z, retain_graph=True)
+    scale = grad_z.abs().flatten(1).amax(dim=1).clamp(min=torch.finfo(grad_z.dtype).tiny)
+    return batched_grad(objective / scale.detach(), x, retain_graph=True)
+
+
+class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
+    """Mahalanobis distance to class means (Lee et al., "A Simple Unified Framework for
+    Detecting Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018).
+
+    Idea: the features of each recorded layer are modelled, per class, by a Gaussian with
+    its own mean and a covariance shared by all classes (tied LDA model). An input is
+    in-distribution for class ``c`` when its features are close to the mean of ``c`` in the
+    Mahalanobis metric of that covariance. Optionally the input is first nudged towards its
+    closest class (input pre-processing of the paper) and layers are combined with weights.
+
+    Formula: per layer ``l`` (``act_norm``-normalised, flattened features ``z``), class means
+    ``μ_c`` and precision ``P = Σ⁻¹`` of the pooled within-class covariance
+    ``Σ = Σ_i (z_i - μ_{y_i})(z_i - μ_{y_i})ᵀ / (N - 1)``,
+    ``M_l(x, c) = (z - μ_c)ᵀ P (z - μ_c)`` and ``conformity_c = -Σ_l w_l M_l(x, c)``
+    (``-inf`` for classes absent from calibration).
+
+    With ``epsilon != 0``, for each layer: ``ĉ = argmin_c M_l(x, c)``,
+    ``x̃ = x + ε · fgm_direction(∇_x(-M_l(x, ĉ)), p=fgm_norm)`` and ``M_l`` is evaluated on
+    ``x̃``. If the input gradient overflows, it is recomputed with each sample's objective
+    divided by the max-abs of its gradient w.r.t. the features (same direction); if it is
+    still not finite, a ``UserWarning`` is emitted and ``x`` is used.
+    Unlike the reference, the caller's input tensor is never modified (its
+    ``requires_grad`` flag stays as it was): gradients are taken on a detached alias.
+
+    Implementation: calibration streams float64 running sums per layer (class counts, class
+    feature sums, ``Σ z zᵀ``), never the features. At the end of calibration the covariance
+    is eigen-decomposed once in float64 into a whitening matrix ``W`` (``W Wᵀ = P``), and
+    ``μ̃_c = (μ_c - μ̄) W`` is precomputed (``μ̄`` = calibration mean). At inference
+    ``z̃ = (z - μ̄) W`` and ``M(x, c) = ||z̃||² - 2 z̃·μ̃_c + ||μ̃_c||²``: one ``(n × r)·(r × C)``
+    product for all classes (clamped at 0). A singular covariance (numerical rank ``r < d``)
+    triggers a ``UserWarning`` naming the layer and its pseudo-inverse is used (``W`` keeps
+    the ``r`` non-null directions), so the score still ranks inputs. A non-finite
+    covariance (e.g. a single calibration sample) also warns and gives ``-inf`` conformities.
+
+    Args:
+        epsilon: input perturbation magnitude (0 = none).
+        fgm_norm: norm of the perturbation step (``>= 1``; ``inf`` = sign of the gradient).
+        weights: one weight per recorded layer (default: all ones).
+
+    Changing ``epsilon``, ``fgm_norm`` or ``weights`` keeps the score fit. ``fgm_norm`` is
+    checked at fit and, when ``epsilon != 0``, at inference (the reference checked the
+    previous value on assignment); a ``weights`` length that differs from the number of
+    recorded layers raises ``ValueError`` at inference.
+
+    Cost: calibration memory ``O(C·d + d²)`` per layer (float64), one ``d × d``
+    eigen-decomposition per layer at the end. Inference: per layer one ``(n × d)·(d × r)``
+    and one ``(n × r)·(r × C)`` product (float32, float64 for float64 inputs); no extra
+    forward pass when ``epsilon == 0``, otherwise one backward and one extra forward per
+    recorded layer. Fitted state (float64, per layer): ``means`` (NaN rows for absent
+    classes), ``center`` (``μ̄``), ``whitening`` (``W``) and ``means_white`` (``μ̃``).
+    """
+
+    epsilon: float = 0.0
+    fgm_norm: float = math.inf
+    weights: Sequence[float] | None = None
+
+    #: Relative variant (Ren et al.): subtract the distance to a background Gaussian.
+    _relative: ClassVar[bool] = False
+
+    _fitted_attrs: ClassVar[tuple[str, ...]] = ("means", "center", "whitening", "means_white")
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        check(self.fgm_norm >= 1)
+
+    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if attr in _INFERENCE_PARAMS:
+            return
+        super()._on_param_will_be_set(attr, future_val)
+
+    @property
+    def _inference_needs_grad(self) -> bool:
+        return self.epsilon != 0
+
+    # -- public static helpers ----------------------------------------------------------------
+    @staticmethod
+    def compute_mahalanobis(
+        samples: Tensor, mu: Tensor, precision: Tensor, *, product: bool = True
+    ) -> Tensor:
+        """Squared Mahalanobis distances ``(x - μ)ᵀ P (x - μ)``.
+
+        Args:
+            samples: ``(n, d)`` samples.
+            mu: ``(m, d)`` means. With ``product=False`` it broadcasts against ``samples``
+                (e.g. ``(n, d)``: one mean per sample, or ``(d,)``).
+            precision: ``(d, d)`` precision matrix (only its symmetric part matters).
+            product: ``True``: distance of every sample to every mean, ``(n, m)``, computed
+                with matrix products (no ``(n, m, d)`` tensor). ``False``: row-wise distance
+                of each sample to its own mean, ``(n,)``.
+
+        Returns:
+            Distances with the dtype of ``samples`` (half precision computed in float32).
+            NaN means give NaN distances.
+        """
+        dtype = samples.dtype
+        cdtype = _compute_dtype(dtype)
+        x = samples.to(cdtype)
+        means = mu.to(device=x.device, dtype=cdtype)
+        prec = precision.to(device=x.device, dtype=cdtype)
+        prec = (prec + prec.T) / 2
+        if not product:
+            diff = x - means
+            return ((diff @ prec) * diff).sum(dim=-1).to(dtype)
+        # Shift both sides by a common point (differences unchanged, less cancellation).
+        shift = means.nanmean(dim=0).nan_to_num(0.0)
+        x, means = x - shift, means - shift
+        x_prec = x @ prec
+        sq_x = (x_prec * x).sum(dim=1, keepdim=True)
+        sq_mu = ((means @ prec) * means).sum(dim=1)
+        return (sq_x - 2 * (x_prec @ means.T) + sq_mu).to(dtype)
+
+    @staticmethod
+    def compute_precision(residues: Tensor) -> Tensor:
+        """Inverse of the (unbiased, ``N - 1``) covariance of ``residues`` ``(N, d)``.
+
+        Computed in float64 and returned with the dtype of ``residues``. As in the reference,
+        a singular (numerical rank ``< d``) or non-finite covariance gives an all-NaN
+        ``(d, d)`` matrix; the score itself falls back to the pseudo-inverse instead.
+        """
+        dtype = residues.dtype if residues.is_floating_point() else torch.float32
+        flat = residues.reshape(len(residues), -1).to(_F64)
+        d = flat.shape[1]
+        cov = flat.T.cov().reshape(d, d)
+        decomposition = _eigh(cov)
+        if decomposition is None or not bool(decomposition[2].all()):
+            return torch.full((d, d), math.nan, dtype=dtype, device=residues.device)
+        eigvals, eigvecs, _ = decomposition
+        return ((eigvecs / eigvals) @ eigvecs.T).to(dtype)
+
+    # -- calibration --------------------------------------------------------------------------
+    def _calib_update(self, batch: CalibBatch) -> None:
+        out = batch.out
+        n_classes = out.shape[1]
+        labels = validate_labels(batch.labels, len(batch), n_classes)
+        features = self.normalize(batch.activations)
+        state = self._state
+        for layer, feats in enumerate(features):
+            x = feats.reshape(len(feats), -1).to(_F64)
+            ids = labels.to(x.device)
+            if layer == 0:
+                state.add("count", torch.bincount(ids, minlength=n_classes).to(_F64))
+            sums = x.new_zeros((n_classes, x.shape[1])).index_add_(0, ids, x)
+            state.add(f"sum{layer}", sums)
+            state.add(f"outer{layer}", x.T @ x)
+        self._layer_ids = tuple(self.rnet.activations.keys())
+
+    def _layer_name(self, layer: int) -> str:
+        ids = self.__dict__.get("_layer_ids", ())
+        if len(ids) > layer:
+            return f"{ids[layer]} (recorded layer #{layer} in firing order)"
+        return f"#{layer} in firing order"
+
+    def _calib_end(self) -> None:
+        state = self._state
+        counts = state.sum("count")
+        n_total = float(counts.sum())
+        present = counts > 0
+        means, centers, whitenings, means_white, backgrounds = [], [], [], [], []
+        layer = 0
+        while f"sum{layer}" in state:
+            name = self._layer_name(layer)
+            sums, outer = state.sum(f"sum{layer}"), state.sum(f"outer{layer}")
+            class_means = sums / counts[:, None]  # NaN rows for absent classes
+            center = sums.sum(dim=0) / n_total
+            # Within-class scatter: Σ z zᵀ - Σ_c n_c μ_c μ_cᵀ (= Σ_c S_c/√n_c (S_c/√n_c)ᵀ).
+            scaled = sums[present] / counts[present].sqrt()[:, None]
+            diagonal = outer.diagonal()
+            raw_scale = float(diagonal.max()) / max(n_total - 1.0, 1.0) if len(diagonal) else 0.0
+            cov = (outer - scaled.T @ scaled) / (n_total - 1)
+            whitening = _whitening(cov, raw_scale, f"covariance matrix at layer {name}")
+            means.append(class_means)
+            centers.append(center)
+            whitenings.append(whitening)
+            means_white.append((class_means - center) @ whitening)
+            if self._relative:
+                background_cov = (outer - n_total * torch.outer(center, center)) / (n_total - 1)
+                where = f"background covariance matrix at layer {name}"
+                backgrounds.append(_whitening(background_cov, raw_scale, where))
+            layer += 1
+        self.__dict__.pop("_layer_ids", None)
+        self.means: tuple[Tensor, ...] = tuple(means)
+        self.center: tuple[Tensor, ...] = tuple(centers)
+        self.whitening: tuple[Tensor, ...] = tuple(whitenings)
+        self.means_white: tuple[Tensor, ...] = tuple(means_white)
+        if self._relative:
+            self.background_whitening: tuple[Tensor, ...] = tuple(backgrounds)
+
+    @property
+    def precisions(self) -> tuple[Tensor, ...]:
+        """Per layer, the precision matrix used (``W Wᵀ``: inverse or pseudo-inverse)."""
+        return tuple(w @ w.T for w in self.whitening)
+
+    # -- inference ----------------------------------------------------------------------------
+    def _background_d2(self, layer: int, z: Tensor) -> Tensor:
+        """Squared distance to the background Gaussian (relative variant), ``(n,)``."""
+        whitening = self.background_whitening[layer].to(z)
+        return ((z - self.center[layer].to(z)) @ whitening).square().sum(dim=1)
+
+    def _class_d2(self, layer: int, z: Tensor) -> Tensor:
+        """Distances of features ``z`` ``(n, d)`` (compute dtype) to every class, ``(n, C)``."""
+        whitening = self.whitening[layer].to(z)
+        means_white = self.means_white[layer].to(z)
+        z_white = (z - self.center[layer].to(z)) @ whitening
+        d2 = (
+            z_white.square().sum(dim=1, keepdim=True)
+            - 2 * (z_white @ means_white.T)
+            + means_white.square().sum(dim=1)
+        ).clamp(min=0)
+        if self._relative:
+            d2 = d2 - self._background_d2(layer, z)[:, None]
+        return d2
+
+    def _candidate_d2(self, layer: int, z: Tensor, candidates: Tensor) -> Tensor:
+        """Distance of each sample to its own candidate class, ``(n,)`` (differentiable)."""
+        whitening = self.whitening[layer].to(z)
+        means_white = self.means_white[layer].to(z)[candidates]
+        z_white = (z - self.center[layer].to(z)) @ whitening
+        d2 = (z_white - means_white).square().sum(dim=1)
+        if self._relative:
+            d2 = d2 - self._background_d2(layer, z)
+        return d2
+
+    def _weights(self, n_layers: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.weights is None:
+            return torch.ones(n_layers, dtype=dtype, device=device)
+        weights = torch.as_tensor(self.weights, dtype=dtype, device=device).reshape(-1)
+        if len(weights) != n_layers:
+            msg = (
+                f"`weights` must have one value per recorded layer ({n_layers}) "
+                f"(got {len(weights)})"
+            )
+            raise ValueError(msg)
+        return weights
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        cdtype = _compute_dtype(inputs.dtype)
+        if self.epsilon == 0:
+            out = self.rnet(inputs)
+            features = self.activations()
+            d2 = [
+                self._class_d2(layer, feats.reshape(len(feats), -1).to(cdtype))
+                for layer, feats in enumerate(features)
+            ]
+        else:
+            out, d2 = self._perturbed_d2(inputs, cdtype)
+        stacked = torch.stack(d2, dim=-1)  # (n, C, L)
+        weights = self._weights(stacked.shape[-1], cdtype, stacked.device)
+        conformity = -(stacked @ weights)
+        conformity = conformity.masked_fill(conformity.isnan(), -math.inf)
+        return out, conformity.to(out.dtype)
+
+    def _perturbed_d2(self, inputs: Tensor, cdtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        check(self.fgm_norm >= 1)
+        x = inputs.detach().requires_grad_()  # alias: the caller's tensor is left untouched
+        out = self.rnet(x)
+        layer_ids = tuple(self.rnet.activations.keys())
+        features = self.activations()
+        d2 = []
+        for layer, feats in enumerate(features):
+            z = feats.reshape(len(feats), -1).to(cdtype)
+            with torch.no_grad():
+                candidates = self._class_d2(layer, z).nan_to_num(nan=math.inf).argmin(dim=1)
+            objective = -self._candidate_d2(layer, z, candidates)
+            grad = batched_grad(objective, x, retain_graph=True)
+            if not bool(grad.isfinite().all()):
+                grad = _rescaled_grad(objective, z, x)
+            x_adv = x.detach()
+            try:
+                x_adv = x_adv + self.epsilon * fgm_direction(grad, p=self.fgm_norm)
+            except ValueError as exc:
+                warnings.warn(
+                    "Error during the computation of adversarial perturbation at layer "
+                    f"{layer_ids[layer] if layer < len(layer_ids) else layer} ({exc}). "
+                    "Continuing without adversarial reinforcement",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            with torch.no_grad():
+                self.rnet(x_adv)
+                adv_feats = self.activations()[layer]
+                d2.append(self._class_d2(layer, adv_feats.reshape(len(adv_feats), -1).to(cdtype)))
+        return out.detach(), d2

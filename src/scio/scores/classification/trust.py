@@ -1,0 +1,100 @@
+"""Trust score: distance to the closest other class relative to the predicted class."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch, validate_labels
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.utils import Index, make_indexes
+from scio.utils.misc import check
+
+__all__ = ["Trust"]
+
+
+class Trust(StreamingCalibration, BaseScoreClassif):
+    """Trust score (Jiang, Kim, Guan, Gupta, "To Trust Or Not To Trust A Classifier",
+    NeurIPS 2018).
+
+    Idea: a class is trustworthy for an input when the input's features are much closer to
+    that class's (filtered) calibration features than to any other class's. Each class
+    keeps its calibration features (recorded layers flattened, concatenated,
+    ``act_norm``-normalised) minus the fraction ``alpha`` of them lying in the sparsest
+    regions (largest distance to their ``k``-th nearest other point of the class), which
+    estimates a high-density set of the class.
+
+    Formula: ``d_c`` = Euclidean distance to the nearest kept feature of class ``c``
+    (``+inf`` for classes absent from calibration); with ``m1``, ``m2`` the classes of the
+    smallest and second smallest distance, ``conformity_c = d_m1 / d_c`` for ``c ≠ m1``
+    and ``conformity_m1 = d_m2 / d_m1`` (undefined ratios ``0/0``, ``inf/inf`` → 1).
+
+    Args:
+        alpha: fraction of each class removed as low-density points (``0 <= alpha < 1``).
+        k: neighbour rank of the density estimate (``0 < k <= n_calib``). When a class has
+            ``<= k`` points every density estimate is infinite and the ``int(alpha · n_c)``
+            removed points are the first ones of the class (ties kept in calibration order).
+
+    Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features (one exact
+    index per class on the data's device) and runs one self-search per class when
+    ``alpha > 0``; inference searches the nearest neighbour in each class index (``C``
+    searches whose total size is one search over the kept calibration set).
+    """
+
+    alpha: float
+    k: int = 10
+
+    _fitted_attrs: ClassVar[tuple[str, ...]] = ("indexes",)
+
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        check(0 <= self.alpha < 1)
+        check(0 < self.k <= n_calib)
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        n_classes = batch.out.shape[1]
+        labels = validate_labels(batch.labels, len(batch), n_classes)
+        (features,) = self.normalize(batch.activations, concatenate=True)
+        self._state.append("features", features)
+        self._state.append("labels", labels.to(features.device))
+        self._n_classes = n_classes
+
+    def _calib_end(self) -> None:
+        features, labels = self._state.cat("features"), self._state.cat("labels")
+        n_classes = self.__dict__.pop("_n_classes")
+        per_class = make_indexes(features, labels, n_groups=n_classes, metric="l2")
+        indexes: list[Index | None] = []
+        for label, index in enumerate(per_class):
+            n_points = index.ntotal
+            if n_points == 0:
+                indexes.append(None)
+                continue
+            n_remove = int(self.alpha * n_points)
+            if n_remove > 0:
+                population = features[labels == label]
+                kth = index.search(population, self.k, self_query=True)[0][:, -1]
+                order = torch.argsort(kth, descending=True, stable=True)
+                index.remove_ids(order[:n_remove])
+            indexes.append(index)
+        self.indexes: tuple[Index | None, ...] = tuple(indexes)
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.rnet(inputs)
+        (features,) = self.activations(concatenate=True)
+        cdtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        query = features.to(cdtype)
+        missing = query.new_full((len(query),), math.inf)
+        d2 = torch.stack(
+            [missing if idx is None else idx.search(query, 1)[0][:, 0] for idx in self.indexes],
+            dim=1,
+        )
+        distances = d2.sqrt()
+        smallest, classes = distances.topk(2, dim=1, largest=False)
+        conformity = smallest[:, :1] / distances
+        conformity.scatter_(1, classes[:, :1], smallest[:, 1:] / smallest[:, :1])
+        conformity = conformity.nan_to_num(nan=1.0, posinf=math.inf, neginf=-math.inf)
+        return out, conformity.to(out.dtype)
