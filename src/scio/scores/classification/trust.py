@@ -11,7 +11,7 @@ from torch import Tensor
 from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.utils import Index, make_indexes
+from scio.scores.utils import make_indexes
 from scio.utils.misc import check
 
 __all__ = ["Trust"]
@@ -39,16 +39,19 @@ class Trust(StreamingCalibration, BaseScoreClassif):
             ``<= k`` points every density estimate is infinite and the ``int(alpha · n_c)``
             removed points are the first ones of the class (ties kept in calibration order).
 
-    Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features (one exact
-    index per class on the data's device) and runs one self-search per class when
-    ``alpha > 0``; inference searches the nearest neighbour in each class index (``C``
-    searches whose total size is one search over the kept calibration set).
+    Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features and runs
+    one self-search per class when ``alpha > 0``; inference is one tiled ``(n, d) x (d,
+    n_kept)`` matrix product over the kept features of every class at once, reduced to the
+    per-class minimum with ``scatter_reduce`` (no loop over classes).
     """
 
     alpha: float
     k: int = 10
 
-    _fitted_attrs: ClassVar[tuple[str, ...]] = ("indexes",)
+    _fitted_attrs: ClassVar[tuple[str, ...]] = ("kept_features", "kept_labels", "n_classes")
+
+    #: Bound on the number of query x kept-point distances computed at once.
+    _block_elements: ClassVar[int] = 2**24
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
@@ -66,33 +69,39 @@ class Trust(StreamingCalibration, BaseScoreClassif):
     def _calib_end(self) -> None:
         features, labels = self._state.cat("features"), self._state.cat("labels")
         n_classes = self.__dict__.pop("_n_classes")
-        per_class = make_indexes(features, labels, n_groups=n_classes, metric="l2")
-        indexes: list[Index | None] = []
-        for label, index in enumerate(per_class):
-            n_points = index.ntotal
-            if n_points == 0:
-                indexes.append(None)
-                continue
-            n_remove = int(self.alpha * n_points)
-            if n_remove > 0:
-                population = features[labels == label]
-                kth = index.search(population, self.k, self_query=True)[0][:, -1]
+        keep = torch.ones(len(features), dtype=torch.bool, device=features.device)
+        if self.alpha > 0:
+            per_class = make_indexes(features, labels, n_groups=n_classes, metric="l2")
+            for label, index in enumerate(per_class):  # calibration only: one search per class
+                n_remove = int(self.alpha * index.ntotal)
+                if n_remove == 0:
+                    continue
+                members = (labels == label).nonzero().squeeze(1)
+                kth = index.search(features[members], self.k, self_query=True)[0][:, -1]
                 order = torch.argsort(kth, descending=True, stable=True)
-                index.remove_ids(order[:n_remove])
-            indexes.append(index)
-        self.indexes: tuple[Index | None, ...] = tuple(indexes)
+                keep[members[order[:n_remove]]] = False
+        self.kept_features: Tensor = features[keep]
+        self.kept_labels: Tensor = labels[keep]
+        self.n_classes: int = n_classes
+
+    def _nearest_per_class(self, query: Tensor) -> Tensor:
+        """Squared distance from each query to the nearest kept feature of each class."""
+        refs = self.kept_features.to(query.dtype)
+        ref_sq = refs.square().sum(1)
+        result = query.new_full((len(query), self.n_classes), math.inf)
+        step = max(1, self._block_elements // max(len(refs), 1))
+        for start in range(0, len(query), step):  # bounded-memory blocks of queries
+            block = query[start : start + step]
+            d2 = (block.square().sum(1, keepdim=True) - 2 * block @ refs.T + ref_sq).clamp_min(0)
+            index = self.kept_labels.expand(len(block), -1)
+            result[start : start + step].scatter_reduce_(1, index, d2, reduce="amin")
+        return result
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs)
         (features,) = self.activations(concatenate=True)
         cdtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-        query = features.to(cdtype)
-        missing = query.new_full((len(query),), math.inf)
-        d2 = torch.stack(
-            [missing if idx is None else idx.search(query, 1)[0][:, 0] for idx in self.indexes],
-            dim=1,
-        )
-        distances = d2.sqrt()
+        distances = self._nearest_per_class(features.to(cdtype)).sqrt()
         smallest, classes = distances.topk(2, dim=1, largest=False)
         conformity = smallest[:, :1] / distances
         conformity.scatter_(1, classes[:, :1], smallest[:, 1:] / smallest[:, :1])
