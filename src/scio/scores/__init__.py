@@ -2,7 +2,52 @@
 
 from scio.scores import utils
 from scio.scores.base import BaseScore
-from scio.scores.classification import KNN, BaseScoreClassif
+from scio.scores.classification import (
+    JTLA,
+    KNN,
+    LID,
+    ODIN,
+    BaseScoreClassif,
+    BaselineClassif,
+    DeepMahalanobis,
+    DkNN,
+    Energy,
+    FeatureSqueezing,
+    GradNorm,
+    Gram,
+    IsoMax,
+    JointEnergy,
+    Logit,
+    Odds,
+    ReAct,
+    RelativeMahalanobis,
+    Softmax,
+    Trust,
+)
 from scio.scores.joint import fit_jointly
 
-__all__ = ["KNN", "BaseScore", "BaseScoreClassif", "fit_jointly", "utils"]
+__all__ = [
+    "JTLA",
+    "KNN",
+    "LID",
+    "ODIN",
+    "BaseScore",
+    "BaseScoreClassif",
+    "BaselineClassif",
+    "DeepMahalanobis",
+    "DkNN",
+    "Energy",
+    "FeatureSqueezing",
+    "GradNorm",
+    "Gram",
+    "IsoMax",
+    "JointEnergy",
+    "Logit",
+    "Odds",
+    "ReAct",
+    "RelativeMahalanobis",
+    "Softmax",
+    "Trust",
+    "fit_jointly",
+    "utils",
+]

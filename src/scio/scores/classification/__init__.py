@@ -1,6 +1,46 @@
 """Confidence scores for classifiers (one file per algorithm family)."""
 
 from scio.scores.classification.base import BaseScoreClassif, TemplateClassif
+from scio.scores.classification.deepmahalanobis import DeepMahalanobis
+from scio.scores.classification.dknn import DkNN
+from scio.scores.classification.energy import Energy
+from scio.scores.classification.featuresqueezing import FeatureSqueezing
+from scio.scores.classification.gradnorm import GradNorm
+from scio.scores.classification.gram import Gram
+from scio.scores.classification.isomax import IsoMax
+from scio.scores.classification.jointenergy import JointEnergy
+from scio.scores.classification.jtla import JTLA, JTLATestMultinomial
 from scio.scores.classification.knn import KNN
+from scio.scores.classification.lid import LID
+from scio.scores.classification.logit import Logit
+from scio.scores.classification.odds import Odds
+from scio.scores.classification.odin import ODIN
+from scio.scores.classification.react import ReAct
+from scio.scores.classification.relativemahalanobis import RelativeMahalanobis
+from scio.scores.classification.softmax import BaselineClassif, Softmax
+from scio.scores.classification.trust import Trust
 
-__all__ = ["KNN", "BaseScoreClassif", "TemplateClassif"]
+__all__ = [
+    "JTLA",
+    "KNN",
+    "LID",
+    "ODIN",
+    "BaseScoreClassif",
+    "BaselineClassif",
+    "DeepMahalanobis",
+    "DkNN",
+    "Energy",
+    "FeatureSqueezing",
+    "GradNorm",
+    "Gram",
+    "IsoMax",
+    "JTLATestMultinomial",
+    "JointEnergy",
+    "Logit",
+    "Odds",
+    "ReAct",
+    "RelativeMahalanobis",
+    "Softmax",
+    "TemplateClassif",
+    "Trust",
+]
