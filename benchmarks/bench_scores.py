@@ -130,7 +130,9 @@ def main() -> None:
         f"Tiniest (CIFAR-10, 97.5k params), {args.n} calibration + {args.n} test inputs, "
         f"batch {args.batch_size}, {threads} CPU threads, torch {torch.__version__}\n"
     )
-    print("| score | forward (s) | fit (s) | inference (s) | inference / forward | peak RSS (MiB) |")
+    print(
+        "| score | forward (s) | fit (s) | inference (s) | inference / forward | peak RSS (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
         cmd = [sys.executable, __file__, "--n", str(args.n), "--batch-size", str(args.batch_size)]

@@ -46,13 +46,21 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry(
         "ODIN",
         lambda: scores.ODIN(temperature=2.0),
-        grid={"temperature": [1.0, 1000.0], "epsilon": [0.0, 0.01], "fgm_norm": [2.0, float("inf")]},
+        grid={
+            "temperature": [1.0, 1000.0],
+            "epsilon": [0.0, 0.01],
+            "fgm_norm": [2.0, float("inf")],
+        },
     ),
     Entry(
         "ReAct",
         scores.ReAct,
         (MAPS, FEAT),
-        grid={"percentile": [60.0, 90.0, 100.0], "symmetric": [False, True], "per_layer": [False, True]},
+        grid={
+            "percentile": [60.0, 90.0, 100.0],
+            "symmetric": [False, True],
+            "per_layer": [False, True],
+        },
     ),
     Entry(
         "IsoMax",
@@ -100,19 +108,31 @@ CATALOGUE: tuple[Entry, ...] = (
         lambda: scores.DkNN(k=3),
         (MAPS, FEAT),
         uses_labels=True,
-        grid={"per_class": [False, True], "per_layer": [False, True], "aggregation": ["mean", "fisher", 2.0]},
+        grid={
+            "per_class": [False, True],
+            "per_layer": [False, True],
+            "aggregation": ["mean", "fisher", 2.0],
+        },
     ),
     Entry(
         "FeatureSqueezing",
         lambda: scores.FeatureSqueezing(squeezers=("bits:3", "median:2")),
-        grid={"dist_norm": [1.0, 2.0], "aggregation": ["max", "mean"], "squeezers": ["bits:5", ("median:3", "bits:2")]},
+        grid={
+            "dist_norm": [1.0, 2.0],
+            "aggregation": ["max", "mean"],
+            "squeezers": ["bits:5", ("median:3", "bits:2")],
+        },
     ),
     Entry(
         "Gram",
         lambda: scores.Gram(max_gram_order=3),
         (MAPS, FEAT),
         uses_labels=True,
-        grid={"separate_diagonal": [False, True], "calib_labels": ["pred", "true"], "cut_off": [0.1, 0.3]},
+        grid={
+            "separate_diagonal": [False, True],
+            "calib_labels": ["pred", "true"],
+            "cut_off": [0.1, 0.3],
+        },
     ),
     Entry(
         "Odds",

@@ -86,7 +86,8 @@ def test_tutorial_layer_table_matches_reference() -> None:
     ref_rows = [
         " ".join(line.split())
         for line in reference.read_text().splitlines()
-        if re.search(r"[├│└]", line) or line.startswith(("Total params", "Trainable", "Non-trainable", "Total mult"))
+        if re.search(r"[├│└]", line)
+        or line.startswith(("Total params", "Trainable", "Non-trainable", "Total mult"))
     ]
     ref_rows = [
         row

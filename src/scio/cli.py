@@ -9,7 +9,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the 'Inferring with Confidence' tutorial on the embedded model",
@@ -30,13 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
-    try:
-        from scio.bench.cli import add_bench_parser
-    except ImportError:  # pragma: no cover - benchmark module not available
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
+    from scio.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "demo":
         from scio.demo import parse_layer, run_demo
 

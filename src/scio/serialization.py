@@ -150,10 +150,10 @@ def save_score(score: BaseScore, path: PathLike) -> None:
 
 # -- load ----------------------------------------------------------------------------------
 def _net_device(net: nn.Module) -> torch.device:
-    for tensor in net.parameters():
-        return tensor.device
-    for tensor in net.buffers():
-        return tensor.device
+    for param in net.parameters():
+        return param.device
+    for buffer in net.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

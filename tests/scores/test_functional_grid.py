@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from tests.catalogue import CATALOGUE, Entry
+from tests.conftest import DTYPES, make_net
 from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
-from tests.catalogue import CATALOGUE, Entry
-from tests.conftest import DTYPES, make_net
 
 
 def _cases() -> list[Any]:
@@ -28,7 +28,12 @@ def _cases() -> list[Any]:
             label = ",".join(f"{k}={v}" for k, v in params.items())
             for dtype in DTYPES:
                 cases.append(
-                    pytest.param(entry, params, dtype, id=f"{entry.name}[{label}]-{dtype}".replace("torch.", ""))
+                    pytest.param(
+                        entry,
+                        params,
+                        dtype,
+                        id=f"{entry.name}[{label}]-{dtype}".replace("torch.", ""),
+                    )
                 )
     return cases
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from tests.catalogue import CATALOGUE, Entry
+from tests.conftest import TinyConvNet, make_net
 from torch import Tensor
 
 import scio
 from scio.recorder import Recorder
 from scio.scores import KNN, Softmax
 from scio.serialization import FORMAT_VERSION, ScoreFileError, load_score
-from tests.catalogue import CATALOGUE, Entry
-from tests.conftest import TinyConvNet, make_net
 
 ENTRIES = [pytest.param(entry, id=entry.name) for entry in CATALOGUE]
 K_ENTRIES = [pytest.param(e, id=e.name) for e in CATALOGUE if "k" in e.factory().params]
@@ -54,7 +54,7 @@ def test_save_load_round_trip(entry: Entry, tmp_path: Path) -> None:
     assert loaded.params.keys() == score.params.keys()
     assert repr(loaded) == repr(score)
     assert loaded.rnet.recording == score.rnet.recording
-    out, conformity = loaded(test)
+    _, conformity = loaded(test)
     torch.testing.assert_close(conformity, expected, rtol=0, atol=0, equal_nan=True)
 
     fresh = make_net(seed=1)  # a fresh instance of the same architecture, same weights
@@ -71,9 +71,7 @@ def test_save_load_round_trip(entry: Entry, tmp_path: Path) -> None:
         return  # its noise is drawn in the input dtype: float64 draws differ by design
     finite = torch.isfinite(expected)
     assert torch.equal(finite, torch.isfinite(conformity64))
-    torch.testing.assert_close(
-        conformity64[finite].float(), expected[finite], rtol=2e-3, atol=2e-3
-    )
+    torch.testing.assert_close(conformity64[finite].float(), expected[finite], rtol=2e-3, atol=2e-3)
 
 
 def test_load_refuses_other_algorithm_version_and_shapes(tmp_path: Path) -> None:
@@ -139,12 +137,16 @@ def test_bad_inputs(entry: Entry) -> None:
     rnet.record(*entry.layers)
     with pytest.raises(ValueError, match="`calib_data` must hold at least one sample"):
         entry.make().fit(rnet, calib[:0], labels[:0])
-    with pytest.raises(TypeError, match=r"`calib_data` must have a floating dtype \(got torch.int64\)"):
+    with pytest.raises(
+        TypeError, match=r"`calib_data` must have a floating dtype \(got torch.int64\)"
+    ):
         entry.make().fit(rnet, (calib * 10).long(), labels)
     with pytest.raises(ValueError, match=r"`calib_data` samples must have shape \(1, 4, 4\)"):
         entry.make().fit(rnet, [(calib[:5], labels[:5]), (calib[:5, :, :3], labels[:5])])
     score = entry.make().fit(rnet, calib, labels)
-    with pytest.raises(ValueError, match=r"`inputs` samples must have shape \(1, 4, 4\).*got \(1, 4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"`inputs` samples must have shape \(1, 4, 4\).*got \(1, 4, 3\)"
+    ):
         score(test[:, :, :, :3])
     with pytest.raises(TypeError, match="`inputs` must have a floating dtype"):
         score(test.long())
@@ -196,7 +198,7 @@ def test_nan_and_inf_inputs(entry: Entry) -> None:
         bad[0, 0, 0, 0] = value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out, conformity = score(bad)
+            _, conformity = score(bad)
         assert conformity.shape == (8, 3)
         if entry.name != "Odds":  # Odds draws fresh noise at every call
             _, clean = score(test[1:])

@@ -129,7 +129,8 @@ class BaseScore(ParamClass):
     def rnet(self) -> Recorder:
         """The recorder bound at the latest :meth:`fit`."""
         try:
-            return self.__dict__["_rnet"]  # type: ignore[no-any-return]
+            rnet: Recorder = self.__dict__["_rnet"]
+            return rnet
         except KeyError:
             msg = f"{type(self).__name__} has no recorder yet: call `fit` first"
             raise AttributeError(msg) from None
