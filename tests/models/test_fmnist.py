@@ -72,6 +72,21 @@ def test_fmnist_accuracy() -> None:
 
 
 @needs_fmnist
+def test_fmnist_msp_separates_uniform_noise() -> None:
+    """Max-softmax AUROC, Fashion-MNIST test (ID) vs uniform noise (OoD = positive) > 0.9."""
+    test = D.fashion_mnist("test", n=1000, seed=0)
+    noise = D.uniform_noise(1000, seed=0)
+    net = fmnist()
+    with torch.no_grad():
+        msp_id = net(test.data).softmax(1).amax(1)
+        msp_ood = net(noise.data).softmax(1).amax(1)
+    # AUROC of the OoD score -msp: P(msp_ood < msp_id) + P(tie) / 2 over all pairs.
+    lower = (msp_ood[:, None] < msp_id[None, :]).double().mean()
+    ties = (msp_ood[:, None] == msp_id[None, :]).double().mean()
+    assert (lower + ties / 2).item() > 0.9
+
+
+@needs_fmnist
 def test_fmnist_near_accuracy() -> None:
     test = D.fashion_mnist("test", n=2000, seed=0, classes=FMNIST_NEAR_CLASS_IDS)
     with torch.no_grad():
