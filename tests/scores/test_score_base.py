@@ -208,7 +208,7 @@ def test_fit_input_errors(rnet: Recorder, data: tuple[Tensor, Tensor]) -> None:
         KNN(k=1).fit(rnet, 3)
     with pytest.raises(TypeError, match="Calibration batch 0"):
         KNN(k=1).fit(rnet, [("a", "b", "c")])
-    with pytest.raises(ValueError, match="`calib_data` is empty"):
+    with pytest.raises(ValueError, match="`calib_data` must hold at least one sample"):
         KNN(k=1).fit(rnet, [])
 
 
