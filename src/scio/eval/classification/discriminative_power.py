@@ -321,7 +321,8 @@ class AUPR(BaseDiscriminativePower):
         n_pos = int(tp[-1])
         recall_gain = np.diff(tp) / n_pos
         precision = tp[1:] / (tp[1:] + fp[1:])
-        return float(np.sum(recall_gain * precision))
+        # the exact value is in [0, 1]; clip float round-off (e.g. 1.0000000000000004)
+        return float(np.clip(np.sum(recall_gain * precision), 0.0, 1.0))
 
 
 class DetectionError(BaseDiscriminativePower):
