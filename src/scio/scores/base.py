@@ -32,7 +32,7 @@ from scio.utils.params import MISSING, ParamClass
 if TYPE_CHECKING:
     from scio.recorder import Recorder
 
-__all__ = ["BaseScore", "FitSession", "ParamError", "StreamingCalibration"]
+__all__ = ["BaseScore", "FitSession", "NoCalibration", "ParamError", "StreamingCalibration"]
 
 
 def _same_value(a: object, b: object) -> bool:
@@ -313,3 +313,14 @@ class StreamingCalibration:
 
     def _calib_end(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+class NoCalibration(StreamingCalibration):
+    """Mixin for scores with nothing to learn (logit-based scores): calibration reads no
+    batch, so it runs no forward pass."""
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        """Nothing to learn."""
+
+    def _calib_end(self) -> None:
+        """Nothing to learn."""

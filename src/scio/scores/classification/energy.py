@@ -7,8 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 from scio.utils.misc import check
 
@@ -20,7 +19,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class Energy(StreamingCalibration, BaseScoreClassif):
+class Energy(NoCalibration, BaseScoreClassif):
     """Energy score (Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020).
 
     Idea: the logits define an energy-based model whose free energy
@@ -44,12 +43,6 @@ class Energy(StreamingCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0 < self.temperature < math.inf)
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)

@@ -9,8 +9,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import get_aggregator
 from scio.utils.enums import AggrNameLike
@@ -131,7 +130,7 @@ def parse_squeezers(
     return tuple(_parse_squeezer(squeezer) for squeezer in items)
 
 
-class FeatureSqueezing(StreamingCalibration, BaseScoreClassif):
+class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     """Feature squeezing (Xu, Evans & Qi, "Feature Squeezing: Detecting Adversarial Examples
     in Deep Neural Networks", NDSS 2018).
 
@@ -181,12 +180,6 @@ class FeatureSqueezing(StreamingCalibration, BaseScoreClassif):
         check(len(fns) > 0)
         get_aggregator(self.aggregation)  # invalid names raise ValueError now
         self._squeezers_fn = fns
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 from scio.utils.misc import check
 
@@ -21,7 +20,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class GradNorm(StreamingCalibration, BaseScoreClassif):
+class GradNorm(NoCalibration, BaseScoreClassif):
     """GradNorm (Huang et al., "On the Importance of Gradients for Detecting Distributional
     Shifts in the Wild", NeurIPS 2021).
 
@@ -72,12 +71,6 @@ class GradNorm(StreamingCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(self.temperature > 0)
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def _grad_params(self) -> dict[str, Tensor]:
         """Recorded learnable parameters (detached), named as in ``rnet.named_parameters``."""

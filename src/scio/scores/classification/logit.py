@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 
 __all__ = ["Logit"]
 
 
-class Logit(StreamingCalibration, BaseScoreClassif):
+class Logit(NoCalibration, BaseScoreClassif):
     """Raw logits (Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World
     Settings", ICML 2022, "MaxLogit").
 
@@ -28,12 +27,6 @@ class Logit(StreamingCalibration, BaseScoreClassif):
     Cost: nothing at calibration (no forward pass, labels ignored); one plain forward at
     inference. The conformity is a copy of the logits, not the same tensor object.
     """
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)

@@ -7,8 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import batched_grad, fgm_direction
 from scio.utils.misc import check
@@ -26,7 +25,7 @@ def _tempered_softmax(logits: Tensor, temperature: float) -> Tensor:
     return torch.softmax(work / temperature, dim=1).to(logits.dtype)
 
 
-class ODIN(StreamingCalibration, BaseScoreClassif):
+class ODIN(NoCalibration, BaseScoreClassif):
     """ODIN (Liang et al., "Enhancing The Reliability of Out-of-distribution Image Detection
     in Neural Networks", ICLR 2018).
 
@@ -65,12 +64,6 @@ class ODIN(StreamingCalibration, BaseScoreClassif):
     @property
     def _inference_needs_grad(self) -> bool:
         return bool(self.epsilon != 0)
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         temperature = self.temperature

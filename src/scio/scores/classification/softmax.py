@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
 
 __all__ = ["BaselineClassif", "Softmax"]
@@ -17,7 +16,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class Softmax(StreamingCalibration, BaseScoreClassif):
+class Softmax(NoCalibration, BaseScoreClassif):
     """Softmax probabilities (Hendrycks & Gimpel, "A Baseline for Detecting Misclassified
     and Out-of-Distribution Examples in Neural Networks", ICLR 2017).
 
@@ -35,12 +34,6 @@ class Softmax(StreamingCalibration, BaseScoreClassif):
     Cost: nothing at calibration (no forward pass, labels ignored); one plain forward at
     inference. Half precision is computed in float32 and cast back.
     """
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)
