@@ -64,6 +64,9 @@ class ParamClass(metaclass=_ParamMeta):
     """Base class of objects whose behaviour is set by named hyper-parameters."""
 
     _param_names: ClassVar[tuple[str, ...]] = ()
+    #: Parameters added by scio on top of the reference API: ``repr`` shows them only when
+    #: they differ from their default, so reprs of reference configurations are unchanged.
+    _extension_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **params: Any) -> None:
         unknown = [name for name in params if name not in self._param_names]
@@ -134,7 +137,7 @@ class ParamClass(metaclass=_ParamMeta):
     def _params_repr(self, only_non_default: bool) -> str:
         items = []
         for name, value in self.params.items():
-            if only_non_default and value is not MISSING:
+            if (only_non_default or name in self._extension_params) and value is not MISSING:
                 default = self._default(name)
                 try:
                     same = bool(value == default) and type(value) is type(default)
