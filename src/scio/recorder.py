@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias, TypeVar
 
@@ -53,6 +55,46 @@ def lazy_func(ref: Callable[[], Callable[..., _R] | None]) -> Callable[..., _R |
         return func(*args, **kwargs)
 
     return call
+
+
+@dataclass
+class SharedForward:
+    """The result of one forward of ``net`` on ``inputs`` that other recorders may reuse.
+
+    While :func:`shared_forward` is active, a recorder wrapping the same ``net`` called on
+    the *same* ``inputs`` object (no post-processing, no autograd) returns ``out`` and takes
+    its recorded activations and tapped inputs from here instead of running the network.
+    This is how :func:`scio.scores.infer_jointly` runs many scores with one forward.
+    """
+
+    net: nn.Module
+    inputs: Tensor
+    out: Any
+    rows: tuple[tuple[DepthIdx, int], ...]
+    activations: dict[DepthIdx, Any] = field(default_factory=dict)
+    tapped: dict[nn.Module, Any] = field(default_factory=dict)
+
+
+_SHARED: ContextVar[SharedForward | None] = ContextVar("scio_shared_forward", default=None)
+
+
+def _rows_key(rows: Sequence[tuple[DepthIdx, nn.Module]]) -> tuple[tuple[DepthIdx, int], ...]:
+    return tuple((depth_idx, id(module)) for depth_idx, module in rows)
+
+
+class shared_forward:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Context manager publishing a :class:`SharedForward` to the recorders of its net."""
+
+    def __init__(self, shared: SharedForward) -> None:
+        self.shared = shared
+        self._token: Any = None
+
+    def __enter__(self) -> SharedForward:
+        self._token = _SHARED.set(self.shared)
+        return self.shared
+
+    def __exit__(self, *exc: object) -> None:
+        _SHARED.reset(self._token)
 
 
 class _CallState:
@@ -113,6 +155,9 @@ class Recorder(nn.Module):
         self._activations: dict[DepthIdx, Any] = {}
         self._call_state: _CallState | None = None
         self._handles: list[RemovableHandle] = []
+        self._taps: dict[nn.Module, None] = {}
+        self._tapped: dict[nn.Module, Any] = {}
+        self._tail: Any = None  # scio.scores.tail.Tail, built lazily by `shaped_forward`
         if force_static_flow:
             try:
                 torch.fx.symbolic_trace(net)
@@ -141,6 +186,7 @@ class Recorder(nn.Module):
         self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
             (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
         )
+        self._rows_key = _rows_key(self._rows)
         self._recording: tuple[DepthIdx, ...] = ()
         self._record_seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
         self.record()
@@ -199,6 +245,7 @@ class Recorder(nn.Module):
             raise ValueError(msg)
         self._record_seqs = seqs
         self._recording = tuple(sorted(found))  # type: ignore[arg-type]
+        self._tail = None
 
     @property
     def recording(self) -> tuple[DepthIdx, ...]:
@@ -224,6 +271,37 @@ class Recorder(nn.Module):
         """Read-only activations of the latest forward pass, in firing order."""
         return MappingProxyType(self._activations)
 
+    # -- input taps (internal: the heads of head-based scores) -------------------------------
+    def _tap(self, *modules: nn.Module) -> None:
+        """Also keep the (first) input of ``modules`` at every forward (see ``_tapped``)."""
+        known = {module for _, module in self._rows}
+        for module in modules:
+            if module not in known:
+                msg = f"Cannot tap {type(module).__name__}: it is not a layer of the network"
+                raise ValueError(msg)
+            self._taps[module] = None
+
+    @property
+    def _tapped_inputs(self) -> Mapping[nn.Module, Any]:
+        """Inputs of the tapped modules during the latest forward pass."""
+        return MappingProxyType(self._tapped)
+
+    def _from_shared(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SharedForward | None:
+        shared = _SHARED.get()
+        if (
+            shared is None
+            or shared.net is not self._net
+            or len(args) != 1
+            or kwargs
+            or args[0] is not shared.inputs
+            or torch.is_grad_enabled()
+            or shared.rows != self._rows_key
+            or any(depth_idx not in shared.activations for depth_idx in self._recording)
+            or any(module not in shared.tapped for module in self._taps)
+        ):
+            return None
+        return shared
+
     # -- forward ----------------------------------------------------------------------------
     def forward(
         self,
@@ -241,12 +319,25 @@ class Recorder(nn.Module):
                 recording; a returned tensor replaces the module output.
             dont_record: skip recording (post-processing still applies).
         """
+        if activation_postproc is None:
+            shared = self._from_shared(args, kwargs)
+            if shared is not None:
+                recording = set(self._recording)
+                self._activations = (
+                    {}
+                    if dont_record
+                    else {d: a for d, a in shared.activations.items() if d in recording}
+                )
+                self._tapped = {module: shared.tapped[module] for module in self._taps}
+                return shared.out
         self._activations = {}
+        self._tapped = {}
         self._call_state = _CallState(self._record_seqs, activation_postproc, dont_record)
         try:
             out = self._net(*args, **kwargs)
         except (Exception, KeyboardInterrupt):
             self._activations = {}
+            self._tapped = {}
             raise
         finally:
             self._call_state = None
@@ -260,10 +351,60 @@ class Recorder(nn.Module):
             raise RuntimeError(msg)
         return out
 
-    def _hook(self, module: nn.Module, _args: Any, output: Any) -> Any:
+    def shaped_forward(
+        self,
+        inputs: Tensor,
+        activations: Sequence[Tensor],
+        activation_postproc: Postprocessor | Sequence[Postprocessor],
+    ) -> Any:
+        """``self(inputs, activation_postproc=..., dont_record=True)``, recomputing only the
+        part of the network downstream of the first recorded layer when possible.
+
+        ``activations`` must be the recorded activations of ``inputs`` (e.g. from the
+        forward that computed the plain logits). When the network can be split after the
+        first recorded layer (see :class:`scio.scores.tail.Tail`) only that tail is rerun;
+        otherwise (dynamic control flow, skip connections around the layer, ...) a second
+        full forward is run, with the reason in a debug log.
+        """
+        from scio.scores.tail import Tail
+
+        if self._tail is None:
+            self._tail = Tail(self)
+        return self._tail.run(inputs, tuple(activations), activation_postproc)
+
+    def _run_tail(
+        self,
+        graph: Callable[[Any], Any],
+        start: int,
+        activation: Any,
+        activation_postproc: Postprocessor | Sequence[Postprocessor] | None,
+    ) -> Any:
+        """Run ``graph`` (the network downstream of row ``start - 1``, a function of that
+        row's output ``activation``) with ``activation_postproc`` applied to the recorded
+        layers, the first one included."""
+        seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
+        recorded = set(self._recording)
+        for depth_idx, module in self._rows[start:]:
+            seqs.setdefault(module, []).append((depth_idx, depth_idx in recorded))
+        state = _CallState(seqs, activation_postproc, dont_record=True)
+        first = state.single
+        if state.postprocs is not None:
+            first = next(state.postprocs, None)
+        if first is not None:
+            shaped = first(activation)
+            activation = activation if shaped is None else shaped
+        self._call_state = state
+        try:
+            return graph(activation)
+        finally:
+            self._call_state = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         state = self._call_state
         if state is None:  # not called from this recorder's forward
             return None
+        if module in self._taps and not state.dont_record and args:
+            self._tapped[module] = args[0]
         depth_idx, requested = state.seqs[module].pop(0)
         if not requested:
             return None

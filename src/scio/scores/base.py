@@ -244,9 +244,22 @@ class FitSession:
         self.input_shape: tuple[int, ...] | None = None
         self.input_dtype = torch.float32
         self._grad = score._calib_needs_grad
+        self._prepared = False
         start = perf_counter()
         score._calib_start()
         self.duration += perf_counter() - start
+
+    def prepare(self, probe: Tensor) -> None:
+        """Let the score bind to the network on the first inputs, before any forward
+        (e.g. find a classifier head and tap its input). Runs once; ``update`` calls it."""
+        if self._prepared:
+            return
+        self._prepared = True
+        prepare = getattr(self.score, "_calib_prepare", None)
+        if prepare is not None:
+            start = perf_counter()
+            prepare(self.score.rnet, probe)
+            self.duration += perf_counter() - start
 
     def charge(self, seconds: float) -> None:
         """Add time spent on this calibration elsewhere (e.g. a shared forward pass)."""
@@ -260,6 +273,8 @@ class FitSession:
         self.input_dtype = batch.inputs.dtype
         if self.n_samples == 0:
             check_device(batch.inputs, self.score.rnet.net, name="calib_data")
+        if not self._prepared:
+            self.prepare(batch.inputs)
         grad = torch.enable_grad() if self._grad else torch.no_grad()
         with grad, eval_mode(self.score.rnet.net):
             self.score._calib_update(batch)
@@ -302,6 +317,9 @@ class StreamingCalibration:
         """Calibrate from one tensor (``fit`` streams batches directly)."""
         score: Any = self
         score._calib_start()
+        prepare = getattr(score, "_calib_prepare", None)
+        if prepare is not None:
+            prepare(score.rnet, calib_data)
         score._calib_update(CalibBatch(calib_data, calib_labels, score.rnet))
         score._calib_end()
 

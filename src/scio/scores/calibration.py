@@ -30,9 +30,11 @@ class CalibBatch:
         rnet: the recorder whose forward produces logits and activations.
         out: precomputed logits (then ``activations`` must be given too).
         activations: precomputed recorded activations, in firing order.
+        tapped: precomputed inputs of the recorder's tapped modules (see
+            :meth:`tapped`).
     """
 
-    __slots__ = ("_activations", "_out", "inputs", "labels", "rnet")
+    __slots__ = ("_activations", "_out", "_tapped", "inputs", "labels", "rnet")
 
     def __init__(
         self,
@@ -42,12 +44,14 @@ class CalibBatch:
         *,
         out: Tensor | None = None,
         activations: tuple[Tensor, ...] | None = None,
+        tapped: dict[Any, Tensor] | None = None,
     ) -> None:
         self.inputs = inputs
         self.labels = labels
         self.rnet = rnet
         self._out = out
         self._activations = activations
+        self._tapped = tapped
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -59,6 +63,7 @@ class CalibBatch:
         with torch.no_grad():
             self._out = self.rnet(self.inputs)
         self._activations = tuple(self.rnet.activations.values())
+        self._tapped = dict(self.rnet._tapped_inputs)
 
     @property
     def out(self) -> Tensor:
@@ -75,6 +80,17 @@ class CalibBatch:
             self._forward()
         assert self._activations is not None
         return self._activations
+
+    def tapped(self, module: Any) -> Tensor:
+        """Input of a module tapped by the recorder (e.g. a classifier head's features)."""
+        if self._tapped is None or module not in self._tapped:
+            self._forward()
+        assert self._tapped is not None
+        try:
+            return self._tapped[module]
+        except KeyError:
+            msg = f"The recorder does not tap the inputs of {type(module).__name__}"
+            raise RuntimeError(msg) from None
 
 
 def validate_labels(

@@ -89,6 +89,9 @@ def fit_jointly(
         sessions.append((FitSession(score, rnet, n_known), set(rnet.recording)))
 
     with eval_mode(net):
+        for session, _ in sessions:
+            session.prepare(first[0])  # e.g. head discovery, before the shared forwards
+        union._tap(*(module for session, _ in sessions for module in session.score.rnet._taps))
         _run(sessions, union, chain([first], iterator), on_batch)
     for session, _ in sessions:
         session.finish()
@@ -108,11 +111,15 @@ def _run(
         with torch.no_grad():
             out = union(inputs)
         recorded = tuple(union.activations.items())
+        tapped = dict(union._tapped_inputs)
         shared = perf_counter() - start
         for session, layers in sessions:
             session.charge(shared)
             acts = tuple(act for depth_idx, act in recorded if depth_idx in layers)
-            batch = CalibBatch(inputs, labels, session.score.rnet, out=out, activations=acts)
+            taps = {module: tapped[module] for module in session.score.rnet._taps}
+            batch = CalibBatch(
+                inputs, labels, session.score.rnet, out=out, activations=acts, tapped=taps
+            )
             session.update(batch)
         n_done += len(inputs)
         if on_batch is not None:

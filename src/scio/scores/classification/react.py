@@ -11,6 +11,7 @@ from torch import Tensor
 from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.shaping import check_readout, readout
 from scio.scores.utils import torch_quantile
 from scio.utils.misc import check
 
@@ -47,48 +48,60 @@ def _clipper(low: Tensor | None, high: Tensor) -> Callable[[Tensor], Tensor]:
 
 class ReAct(StreamingCalibration, BaseScoreClassif):
     """ReAct (Sun et al., "ReAct: Out-of-distribution Detection With Rectified
-    Activations", NeurIPS 2021).
+        Activations", NeurIPS 2021).
 
-    Idea: OoD inputs trigger abnormally large activations in the penultimate layers; clipping
-    the recorded activations at a high percentile of their in-distribution values removes
-    this over-confidence while barely changing in-distribution outputs.
+        Idea: OoD inputs trigger abnormally large activations in the penultimate layers; clipping
+        the recorded activations at a high percentile of their in-distribution values removes
+        this over-confidence while barely changing in-distribution outputs.
 
-    Formula: at calibration, ``h = quantile(A, percentile / 100)`` (``"higher"``
-    interpolation) over **all elements** ``A`` of the (``act_norm``-normalised) calibration
-    activations (``l = quantile(A, 1 - percentile / 100)``, ``"lower"`` interpolation, when
-    ``symmetric``); at inference every recorded activation ``a`` is replaced by
-    ``clamp(a, l, h)`` during a second forward, and conformity ``c_j = softmax(z_clipped)_j``.
+        Formula: at calibration, ``h = quantile(A, percentile / 100)`` (``"higher"``
+        interpolation) over **all elements** ``A`` of the (``act_norm``-normalised) calibration
+        activations (``l = quantile(A, 1 - percentile / 100)``, ``"lower"`` interpolation, when
+        ``symmetric``); at inference every recorded activation ``a`` is replaced by
+        ``clamp(a, l, h)`` and conformity ``c_j = softmax(z_clipped)_j`` (the reference), or
+    another read-out of the clipped logits (``readout="energy"`` is the ReAct paper's headline
+    ReAct + energy).
 
-    Args:
-        percentile: clipping percentile, ``0.5 * symmetric < percentile / 100 <= 1``
-            (default 90, the paper's value).
-        symmetric: also clip from below at the ``100 - percentile`` percentile.
-        per_layer: one threshold (pair) per recorded layer, in firing order; otherwise the
-            recorded layers are flattened and concatenated (then ``act_norm``-normalised)
-            and one threshold is shared by every layer.
-        act_norm: normalisation of the calibration activations (thresholds are applied to
-            raw activations at inference, as in the reference).
-        mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
+        Args:
+            percentile: clipping percentile, ``0.5 * symmetric < percentile / 100 <= 1``
+                (default 90, the paper's value).
+            symmetric: also clip from below at the ``100 - percentile`` percentile.
+            per_layer: one threshold (pair) per recorded layer, in firing order; otherwise the
+                recorded layers are flattened and concatenated (then ``act_norm``-normalised)
+                and one threshold is shared by every layer.
+            act_norm: normalisation of the calibration activations (thresholds are applied to
+                raw activations at inference, as in the reference).
+            readout: how the clipped logits are read (extension, see
+                :mod:`scio.scores.shaping`): ``"softmax"`` (default, the reference), ``"energy"``
+                (the paper), ``"logit"`` or ``"msp"``.
+            mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 
-    Fitted state: ``clip_high`` (tuple of 0-d tensors, one per threshold set) and
-    ``clip_low`` (same, or ``None`` entries when not ``symmetric``).
+        Fitted state: ``clip_high`` (tuple of 0-d tensors, one per threshold set) and
+        ``clip_low`` (same, or ``None`` entries when not ``symmetric``).
 
-    Cost: calibration uses the shared recording forward but, because exact quantiles need
-    every value, keeps **all** recorded calibration activations (``n_calib * d`` elements,
-    ``d`` the flattened size of the recorded layers) until the end of calibration, plus a
-    temporary float64 copy for the selection. Inference: two forwards (plain logits, then
-    clipped), no recording kept.
+        Cost: calibration uses the shared recording forward but, because exact quantiles need
+        every value, keeps **all** recorded calibration activations (``n_calib * d`` elements,
+        ``d`` the flattened size of the recorded layers) until the end of calibration, plus a
+        temporary float64 copy for the selection. Inference: one recorded forward (plain logits
+        and the recorded activations), then only the part of the network downstream of the
+        first recorded layer is rerun on the clipped activations
+        (:meth:`scio.recorder.Recorder.shaped_forward`; a full second forward when the network
+        cannot be split there).
     """
 
     percentile: float = 90.0
     symmetric: bool = False
     per_layer: bool = False
+    readout: str = "softmax"
+
+    _extension_params = frozenset({"readout"})
 
     _fitted_attrs = ("clip_low", "clip_high")
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0.5 * self.symmetric < self.percentile / 100 <= 1)
+        check_readout(self.readout)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         activations = self.normalize(batch.activations, concatenate=not self.per_layer)
@@ -109,9 +122,12 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
         self.clip_low: tuple[Tensor | None, ...] = tuple(lows)
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.rnet(inputs, dont_record=True)
+        out = self.rnet(inputs)
+        activations = tuple(self.rnet.activations.values())
         clippers = [_clipper(low, high) for low, high in zip(self.clip_low, self.clip_high)]
         postproc = clippers if self.per_layer else clippers[0]
-        clipped = self.rnet(inputs, activation_postproc=postproc, dont_record=True)
-        conformity = torch.softmax(clipped, dim=1, dtype=_work_dtype(clipped.dtype))
-        return out, conformity.to(clipped.dtype)
+        clipped = self.rnet.shaped_forward(inputs, activations, postproc)
+        if self.readout == "softmax":
+            conformity = torch.softmax(clipped, dim=1, dtype=_work_dtype(clipped.dtype))
+            return out, conformity.to(clipped.dtype)
+        return out, readout(clipped, self.readout)
