@@ -72,7 +72,7 @@ class SharedForward:
     out: Any
     rows: tuple[tuple[DepthIdx, int], ...]
     activations: dict[DepthIdx, Any] = field(default_factory=dict)
-    tapped: dict[nn.Module, Any] = field(default_factory=dict)
+    tapped: dict[nn.Module, list[tuple[Any, Any]]] = field(default_factory=dict)
 
 
 _SHARED: ContextVar[SharedForward | None] = ContextVar("scio_shared_forward", default=None)
@@ -156,7 +156,7 @@ class Recorder(nn.Module):
         self._call_state: _CallState | None = None
         self._handles: list[RemovableHandle] = []
         self._taps: dict[nn.Module, None] = {}
-        self._tapped: dict[nn.Module, Any] = {}
+        self._tapped: dict[nn.Module, list[tuple[Any, Any]]] = {}
         self._tail: Any = None  # scio.scores.tail.Tail, built lazily by `shaped_forward`
         if force_static_flow:
             try:
@@ -282,8 +282,13 @@ class Recorder(nn.Module):
             self._taps[module] = None
 
     @property
-    def _tapped_inputs(self) -> Mapping[nn.Module, Any]:
-        """Inputs of the tapped modules during the latest forward pass."""
+    def _tapped_inputs(self) -> dict[nn.Module, Any]:
+        """(First) input of each tapped module at its latest call in the latest forward."""
+        return {module: calls[-1][0] for module, calls in self._tapped.items()}
+
+    @property
+    def _tapped_calls(self) -> Mapping[nn.Module, list[tuple[Any, Any]]]:
+        """``(input, output)`` of every call of each tapped module in the latest forward."""
         return MappingProxyType(self._tapped)
 
     def _from_shared(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SharedForward | None:
@@ -403,8 +408,8 @@ class Recorder(nn.Module):
         state = self._call_state
         if state is None:  # not called from this recorder's forward
             return None
-        if module in self._taps and not state.dont_record and args:
-            self._tapped[module] = args[0]
+        if module in self._taps:
+            self._tapped.setdefault(module, []).append((args[0] if args else None, output))
         depth_idx, requested = state.seqs[module].pop(0)
         if not requested:
             return None

@@ -24,6 +24,7 @@ from scio.scores.classification import (
     Softmax,
     Trust,
 )
+from scio.scores.inference import JointInference, infer_jointly
 from scio.scores.joint import fit_jointly
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Gram",
     "IsoMax",
     "JointEnergy",
+    "JointInference",
     "Logit",
     "Odds",
     "ReAct",
@@ -49,5 +51,6 @@ __all__ = [
     "Softmax",
     "Trust",
     "fit_jointly",
+    "infer_jointly",
     "utils",
 ]

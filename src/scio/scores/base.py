@@ -171,14 +171,26 @@ class BaseScore(ParamClass):
 
     def __call__(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(out, conformity)``: the network output and the confidence scores."""
+        self._check_ready(inputs)
+        with self.timer("inference", n_samples=len(inputs)):
+            return self._infer(inputs)
+
+    def _bind_taps(self) -> None:
+        """Tap (``Recorder._tap``) every module input the score reads at inference, so that
+        a shared forward (:class:`scio.scores.JointInference`) captures them too."""
+
+    def _check_ready(self, inputs: Tensor) -> None:
+        """Raise unless the score is fit and ``inputs`` is a valid batch for it."""
         if not self._is_fit:
             msg = "The score needs to be fit before inference"
             raise RuntimeError(msg)
         check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs")
-        net = self.rnet.net
-        check_device(inputs, net, name="inputs")
+        check_device(inputs, self.rnet.net, name="inputs")
+
+    def _infer(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference on checked inputs, without timing (see :meth:`__call__`)."""
         grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
-        with self.timer("inference", n_samples=len(inputs)), grad, eval_mode(net):
+        with grad, eval_mode(self.rnet.net):
             return self._process(inputs)
 
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:

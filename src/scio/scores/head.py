@@ -147,6 +147,9 @@ class HeadMixin:
             rnet._tap(module)
         return module  # type: ignore[return-value]
 
+    def _bind_taps(self) -> None:
+        self._head_module()
+
     @property
     def head_weight(self) -> Tensor:
         """The head's weight ``W`` ``(C, d)`` (the module's own parameter: never modify it)."""

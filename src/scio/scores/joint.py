@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from scio.recorder import DepthIdx, Recorder
 from scio.scores.base import BaseScore, FitSession
 from scio.scores.calibration import CalibBatch, as_batches
+from scio.scores.inference import JointInference, infer_jointly
 from scio.scores.validation import eval_mode
 
-__all__ = ["fit_jointly", "split_batches"]
+__all__ = ["JointInference", "fit_jointly", "infer_jointly", "split_batches"]
 
 
 class _Progress(Protocol):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -114,24 +112,11 @@ class GradNorm(NoCalibration, BaseScoreClassif):
         out not to produce the network output directly (called more than once, output
         modified after it, non-2-D input)."""
         linear, uses_weight, uses_bias = owner
-        seen_inputs: list[Any] = []
-        seen_outputs: list[Any] = []
-
-        def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            seen_inputs.append(args[0] if args else kwargs.get("input"))
-
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            seen_outputs.append(output)
-
-        handles = [
-            linear.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            linear.register_forward_hook(hook),
-        ]
-        try:
-            out = self.rnet(inputs, dont_record=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.rnet._tap(linear)  # also captured by a shared forward (JointInference)
+        out = self.rnet(inputs, dont_record=True)
+        calls = self.rnet._tapped_calls.get(linear, [])
+        seen_inputs = [hidden for hidden, _ in calls]
+        seen_outputs = [output for _, output in calls]
         if len(seen_outputs) != 1 or seen_outputs[0] is not out or out.ndim != 2:
             return out, None
         hidden = seen_inputs[0]
@@ -167,6 +152,11 @@ class GradNorm(NoCalibration, BaseScoreClassif):
         if self.discard_functional_forward:
             logits = rnet(inputs, dont_record=True)
         return logits, norms
+
+    def _bind_taps(self) -> None:
+        owner = self._linear_owner()
+        if owner is not None:
+            self.rnet._tap(owner[0])
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         params = self._grad_params()
