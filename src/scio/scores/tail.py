@@ -17,6 +17,7 @@ forward is a second full forward, and the reason is logged at debug level
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,23 +68,20 @@ def build_tail_graph(net: nn.Module, layer: nn.Module, leaves: set[nn.Module]) -
     stack = [output]
     while stack:
         node = stack.pop()
-        if node in needed or node is start:
+        if node in needed or node is start or node.op == "get_attr":
             continue
+        if position[node] < position[start]:
+            if node.op == "placeholder":
+                msg = "the tail uses the network input directly (e.g. a skip connection from it)"
+            else:
+                msg = f"the tail uses {node.name!r}, computed before the shaped layer"
+            raise ValueError(msg)
         needed.add(node)
         stack.extend(node.all_input_nodes)
-    for node in needed:
-        if node.op == "get_attr":
-            continue
-        if node.op == "placeholder":
-            msg = "the tail uses the network input directly (e.g. a skip connection from it)"
-            raise ValueError(msg)
-        if position[node] < position[start]:
-            msg = f"the tail uses {node.name!r}, computed before the shaped layer"
-            raise ValueError(msg)
     tail = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: tail.placeholder("activation")}
     for node in nodes:
-        if node in needed:
+        if node in needed or (node.op == "get_attr" and any(u in needed for u in node.users)):
             env[node] = tail.node_copy(node, lambda n: env[n])
     tail.lint()
     return fx.GraphModule(net, tail)
@@ -110,7 +108,7 @@ class Tail:
     """
 
     def __init__(self, rnet: Recorder) -> None:
-        self._rnet = rnet
+        self._rnet_ref = weakref.ref(rnet)  # the recorder owns its Tail: no reference cycle
         self._graph: Callable[[Any], Any] | None = None
         self._start = 0
         self._verified = False
@@ -124,6 +122,14 @@ class Tail:
         self._graph = None
         self.reason = reason
         logger.debug("shaped forward falls back to a full forward: %s", reason)
+
+    @property
+    def _rnet(self) -> Recorder:
+        rnet = self._rnet_ref()
+        if rnet is None:
+            msg = "The recorder of this tail was garbage-collected"
+            raise RuntimeError(msg)
+        return rnet
 
     def _build(self) -> None:
         rnet = self._rnet
