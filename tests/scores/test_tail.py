@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from tests.conftest import make_net
 from torch import nn
 
 from scio.recorder import Recorder
 from scio.scores import ReAct
 from scio.scores.tail import Tail
-from tests.conftest import make_net
 
 LAYER_SETS = [((1, 4),), ((1, 2),), ((1, 2), (1, 4))]
 
