@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence, Sized
+from collections.abc import Collection, Iterable, Iterator, Sequence, Sized
 from itertools import cycle
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
@@ -173,25 +173,11 @@ def fit_scores(
     return cast("list[BaseScoreClassif]", fitted)
 
 
-def _predicted_conformity(
-    score: BaseScoreClassif,
-    data: Any,
-    batch_size: int | None,
-    on_batch: Callable[[int], None],
-) -> FloatArray:
-    """Conformity of the predicted class for every input of ``data``, batch by batch."""
-    device = next((p.device for p in score.rnet.parameters()), None)
-    parts: list[FloatArray] = []
-    n_done = 0
-    for batch in _batches(data, batch_size):
-        inputs = batch if device is None else batch.to(device)
-        out, conformity = score(inputs)
-        if conformity.ndim == 2:
-            conformity = conformity.gather(1, out.argmax(1, keepdim=True)).squeeze(1)
-        parts.append(conformity.detach().to("cpu", torch.float64).numpy())
-        n_done += len(inputs)
-        on_batch(n_done)
-    return np.concatenate(parts) if parts else np.empty(0)
+def _predicted(out: Tensor, conformity: Tensor) -> FloatArray:
+    """Conformity of the predicted class (``out.argmax(1)``) as a float64 array."""
+    if conformity.ndim == 2:
+        conformity = conformity.gather(1, out.argmax(1, keepdim=True)).squeeze(1)
+    return conformity.detach().to("cpu", torch.float64).numpy()
 
 
 def compute_confidence(
@@ -227,23 +213,40 @@ def compute_confidence(
         label = f"OoD {i}" + (f": {titles[i - 1]}" if titles is not None else "")
         sets.append((label, ood))
 
+    from scio.scores import JointInference
+
+    scores_list = list(scores_fit)
     results: list[list[FloatArray]] = [[] for _ in sets]
+    if not scores_list:
+        return np.empty((0, 0)), tuple(np.empty((0, 0)) for _ in sets[1:])
+    # One recorded forward per batch for every score sharing a network (one group per net).
+    groups: dict[int, list[int]] = {}
+    for i, score in enumerate(scores_list):
+        groups.setdefault(id(score.rnet.net), []).append(i)
+    joints = [(JointInference([scores_list[i] for i in idx]), idx) for idx in groups.values()]
+    names = ", ".join(str(score) for score in scores_list)
     with _progress(show_progress) as progress:
-        main = progress.add_task("Computing confidences...", total=len(scores_fit), status="")
+        main = progress.add_task("Computing confidences...", total=len(sets), status=names)
         tasks = []
         for label, data in sets:
             n = _n_samples(data)
             desc = f"↳ {label}" + (f" ({n} samples)" if n is not None else "")
             tasks.append(progress.add_task(desc, total=n, status=""))
-        for score in scores_fit:
-            progress.update(main, status=str(score))
-            for task, (_, data), result in zip(tasks, sets, results):
+        for task, (_, data), result in zip(tasks, sets, results):
+            per_score: list[FloatArray | None] = [None] * len(scores_list)
+            for joint, idx in joints:
                 progress.reset(task)
+                device = next((p.device for p in joint.net.parameters()), None)
 
                 def on_batch(n_done: int, task: Any = task) -> None:
                     progress.update(task, completed=n_done)
 
-                result.append(_predicted_conformity(score, data, batch_size, on_batch))
+                batches = (
+                    b if device is None else b.to(device) for b in _batches(data, batch_size)
+                )
+                for i, (out, conformity) in zip(idx, joint.run(batches, on_batch=on_batch)):
+                    per_score[i] = _predicted(out, conformity)
+            result.extend(row for row in per_score if row is not None)
             progress.advance(main)
         progress.update(main, status="Done")
 
