@@ -97,10 +97,22 @@ class shared_forward:  # noqa: N801 - used as a context manager, like torch.no_g
         _SHARED.reset(self._token)
 
 
+def _weak_hook(ref: weakref.ReferenceType[Recorder]) -> Callable[..., Any]:
+    """A forward hook calling ``ref()._hook`` while the recorder lives (no reference to it)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        recorder = ref()
+        if recorder is None or recorder._call_state is None:
+            return None
+        return recorder._hook(module, args, output)
+
+    return hook
+
+
 class _CallState:
     """Per-forward state: which rows remain per module and which postprocessors."""
 
-    __slots__ = ("dont_record", "postprocs", "seqs", "single")
+    __slots__ = ("counts", "dont_record", "postprocs", "seqs", "single")
 
     def __init__(
         self,
@@ -108,7 +120,8 @@ class _CallState:
         postproc: Postprocessor | Sequence[Postprocessor] | None,
         dont_record: bool,
     ) -> None:
-        self.seqs = {module: list(seq) for module, seq in seqs.items()}
+        self.seqs = seqs  # read-only here: calls are counted in `counts`
+        self.counts: dict[nn.Module, int] = {}
         self.dont_record = dont_record
         self.single: Postprocessor | None = None
         self.postprocs: Iterator[Postprocessor] | None = None
@@ -190,7 +203,9 @@ class Recorder(nn.Module):
         self._recording: tuple[DepthIdx, ...] = ()
         self._record_seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
         self.record()
-        hook = lazy_func(weakref.WeakMethod(self._hook))
+        hook = _weak_hook(weakref.ref(self))
+        self.__dict__["_modules_seen"] = tuple(dict.fromkeys(module for _, module in self._rows))
+        self.__dict__["_first_param"] = next(iter(net.parameters()), None)
         for module in dict.fromkeys(module for _, module in self._rows):
             self._handles.append(module.register_forward_hook(hook))
 
@@ -324,28 +339,29 @@ class Recorder(nn.Module):
                 recording; a returned tensor replaces the module output.
             dont_record: skip recording (post-processing still applies).
         """
-        if activation_postproc is None:
+        state = self.__dict__
+        if activation_postproc is None and _SHARED.get() is not None:
             shared = self._from_shared(args, kwargs)
             if shared is not None:
                 recording = set(self._recording)
-                self._activations = (
+                state["_activations"] = (
                     {}
                     if dont_record
                     else {d: a for d, a in shared.activations.items() if d in recording}
                 )
-                self._tapped = {module: shared.tapped[module] for module in self._taps}
+                state["_tapped"] = {module: shared.tapped[module] for module in self._taps}
                 return shared.out
-        self._activations = {}
-        self._tapped = {}
-        self._call_state = _CallState(self._record_seqs, activation_postproc, dont_record)
+        state["_activations"] = {}
+        state["_tapped"] = {}
+        state["_call_state"] = _CallState(self._record_seqs, activation_postproc, dont_record)
         try:
             out = self._net(*args, **kwargs)
         except (Exception, KeyboardInterrupt):
-            self._activations = {}
-            self._tapped = {}
+            state["_activations"] = {}
+            state["_tapped"] = {}
             raise
         finally:
-            self._call_state = None
+            state["_call_state"] = None
         if not dont_record and len(self._activations) != len(self._recording):
             diff = sorted(set(self._recording) - set(self._activations))
             self._activations = {}
@@ -398,11 +414,11 @@ class Recorder(nn.Module):
         if first is not None:
             shaped = first(activation)
             activation = activation if shaped is None else shaped
-        self._call_state = state
+        self.__dict__["_call_state"] = state
         try:
             return graph(activation)
         finally:
-            self._call_state = None
+            self.__dict__["_call_state"] = None
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         state = self._call_state
@@ -410,7 +426,9 @@ class Recorder(nn.Module):
             return None
         if module in self._taps:
             self._tapped.setdefault(module, []).append((args[0] if args else None, output))
-        depth_idx, requested = state.seqs[module].pop(0)
+        call = state.counts.get(module, 0)
+        state.counts[module] = call + 1
+        depth_idx, requested = state.seqs[module][call]
         if not requested:
             return None
         if not state.dont_record:

@@ -185,12 +185,20 @@ class BaseScore(ParamClass):
             msg = "The score needs to be fit before inference"
             raise RuntimeError(msg)
         check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs")
-        check_device(inputs, self.rnet.net, name="inputs")
+        rnet = self.rnet
+        first = rnet.__dict__.get("_first_param")  # cached: the check is on every call
+        if first is None or first.device != inputs.device:
+            check_device(inputs, rnet.net, name="inputs")
 
     def _infer(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Inference on checked inputs, without timing (see :meth:`__call__`)."""
         grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
-        with grad, eval_mode(self.rnet.net):
+        rnet = self.rnet
+        modules = rnet.__dict__.get("_modules_seen", ())
+        if modules and not any(module.training for module in modules):
+            with grad:  # fast path: every module the network calls is in eval mode
+                return self._process(inputs)
+        with grad, eval_mode(rnet.net):
             return self._process(inputs)
 
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
