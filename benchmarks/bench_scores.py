@@ -1,9 +1,15 @@
 """Speed and memory of every score on the tutorial model (prints a markdown table).
 
 For each algorithm: time of a plain forward pass over the test inputs, fit time on the
-calibration inputs, inference time on the test inputs, the inference/forward ratio (the
-score's overhead: 1.0 means free), and the peak resident memory of a process that only
-fits and runs that score (each algorithm runs in its own subprocess).
+calibration inputs (and fit / forward: one forward over the same number of inputs),
+inference time on the test inputs, the inference/forward ratio (the score's overhead: 1.0
+means free), the peak resident memory of a process that only fits and runs that score
+(each algorithm runs in its own subprocess) and that peak above the model + data baseline.
+
+Two joint rows follow: every score fit with one shared forward per calibration batch
+(``fit_jointly``) and evaluated with one shared forward per test batch
+(``JointInference``), once for the single-pass scores only and once for all of them,
+against the sum of the one-by-one inference times.
 
     python benchmarks/bench_scores.py                 # 2,000 calib + 2,000 test, batch 500
     python benchmarks/bench_scores.py --n 200 --only KNN Softmax
@@ -78,6 +84,35 @@ def _batches(data: torch.Tensor, labels: torch.Tensor | None, size: int) -> list
     ]
 
 
+_JOINT = ("(joint: single-pass scores)", "(joint: all scores)")
+#: Scores that need passes beyond the shared forward by design.
+_MULTI_PASS = ("eps=", "FeatureSqueezing", "Odds")
+
+
+def _joint_names(name: str) -> list[str]:
+    names = list(_registry())
+    if name == _JOINT[0]:
+        names = [n for n in names if not any(tag in n for tag in _MULTI_PASS)]
+    return names
+
+
+def _measure_joint(name: str, net: Any, calib: Any, labels: Any, test: Any, size: int) -> dict:
+    from scio.scores import JointInference, fit_jointly
+
+    registry = _registry()
+    names = _joint_names(name)
+    pairs = [(registry[n][0](), registry[n][1]) for n in names]
+    start = time.perf_counter()
+    fitted = fit_jointly(pairs, net, _batches(calib, labels, size))
+    fit = time.perf_counter() - start
+    joint = JointInference(fitted)
+    start = time.perf_counter()
+    joint.run(x for x, _ in _batches(test, None, size))
+    inference = time.perf_counter() - start
+    own = {n: sum(s.duration for s in score.timer.inference) for n, score in zip(names, fitted)}
+    return {"fit": fit, "inference": inference, "shared": joint.shared_seconds, "own": own}
+
+
 def _measure(name: str, n: int, batch_size: int) -> dict[str, Any]:
     """Fit and run one score; returns timings (seconds) and peak RSS (MiB)."""
     from scio.models import tiniest
@@ -96,7 +131,9 @@ def _measure(name: str, n: int, batch_size: int) -> dict[str, Any]:
             net(x)
     forward = time.perf_counter() - start
     result: dict[str, Any] = {"name": name, "forward": forward}
-    if name != "(forward only)":
+    if name in _JOINT:
+        result.update(_measure_joint(name, net, calib, labels, test, batch_size))
+    elif name != "(forward only)":
         factory, layers = _registry()[name]
         score = factory()
         rnet = Recorder(net, input_data=calib[[0]])
@@ -124,16 +161,18 @@ def main() -> None:
     if args.child:
         print(json.dumps(_measure(args.child, args.n, args.batch_size)))
         return
-    names = args.only or list(_registry())
+    names = args.only or [*_registry(), *_JOINT]
     threads = torch.get_num_threads()
     print(
         f"Tiniest (CIFAR-10, 97.5k params), {args.n} calibration + {args.n} test inputs, "
         f"batch {args.batch_size}, {threads} CPU threads, torch {torch.__version__}\n"
     )
     print(
-        "| score | forward (s) | fit (s) | inference (s) | inference / forward | peak RSS (MiB) |"
+        "| score | forward (s) | fit (s) | fit / forward | inference (s) | inference / forward "
+        "| peak RSS (MiB) | above baseline (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    alone: dict[str, float] = {}
     for name in names:
         cmd = [sys.executable, __file__, "--n", str(args.n), "--batch-size", str(args.batch_size)]
         proc = subprocess.run(
@@ -145,11 +184,24 @@ def main() -> None:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ratio = r["inference"] / r["forward"]
+        alone[name] = r["inference"]
         print(
-            f"| {name} | {r['forward']:.2f} | {r['fit']:.2f} | {r['inference']:.2f} | "
-            f"{ratio:.2f}× | {r['peak_mib']:.0f} |",
+            f"| {name} | {r['forward']:.2f} | {r['fit']:.2f} | {r['fit'] / r['forward']:.2f}× | "
+            f"{r['inference']:.2f} | {ratio:.2f}× | {r['peak_mib']:.0f} | "
+            f"{r['extra_mib']:.0f} |",
             flush=True,
         )
+        if name in _JOINT:
+            members = _joint_names(name)
+            one_by_one = sum(alone.get(m, float("nan")) for m in members)
+            extra = sum(r["own"].values()) / r["forward"]
+            print(
+                f"|   ↳ {len(members)} scores: jointly {r['inference']:.2f} s "
+                f"({ratio:.2f} forwards; shared forward {r['shared']:.2f} s + own work "
+                f"{extra:.2f} forwards) vs one by one {one_by_one:.2f} s "
+                f"({one_by_one / r['forward']:.2f} forwards) |||||||",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ which the recorded modules are leaves, then reruns it from the recorded activati
 The split is used only when it is provably equivalent: the tail must depend on nothing
 computed upstream but the first recorded layer's output (no skip connection around it, no
 use of the network input), every recorded module must be called exactly once, and the tail
-must reproduce the network's own output on the first batch it sees. Otherwise the shaped
+must reproduce the network's own output on two samples of the first batch it sees. Otherwise the shaped
 forward is a second full forward, and the reason is logged at debug level
 (``logging.getLogger("scio.scores.tail")``): never a wrong answer, at worst the old cost.
 """
@@ -167,9 +167,10 @@ class Tail:
         rnet = self._rnet
         if self._graph is not None and activations:
             if not self._verified:
-                try:
-                    plain = rnet._run_tail(self._graph, self._start, activations[0], None)
-                    full = rnet(inputs, dont_record=True)
+                try:  # once, on two samples: the split is structural
+                    probe = activations[0][:2]
+                    plain = rnet._run_tail(self._graph, self._start, probe, None)
+                    full = rnet(inputs[:2], dont_record=True)
                 except Exception as exc:
                     self._fallback(f"the tail failed to run ({type(exc).__name__}: {exc})")
                 else:
