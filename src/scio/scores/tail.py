@@ -9,8 +9,8 @@ which the recorded modules are leaves, then reruns it from the recorded activati
 The split is used only when it is provably equivalent: the tail must depend on nothing
 computed upstream but the first recorded layer's output (no skip connection around it, no
 use of the network input), every recorded module must be called exactly once, and the tail
-must reproduce the network's own output on two samples of the first batch it sees. Otherwise the shaped
-forward is a second full forward, and the reason is logged at debug level
+must reproduce the network's own output on two samples of the first batch it sees.
+Otherwise the shaped forward is a second full forward, and the reason is logged at debug level
 (``logging.getLogger("scio.scores.tail")``): never a wrong answer, at worst the old cost.
 """
 
