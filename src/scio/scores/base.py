@@ -135,7 +135,9 @@ class BaseScore(ParamClass):
             msg = f"{type(self).__name__} has no recorder yet: call `fit` first"
             raise AttributeError(msg) from None
 
-    def fit(self, rnet: Recorder, calib_data: Any, calib_labels: Any = None) -> BaseScore:
+    def fit(
+        self, rnet: Recorder, calib_data: Any, calib_labels: Any = None, *, distributed: Any = False
+    ) -> BaseScore:
         """Calibrate the score on in-distribution data and return it.
 
         Args:
@@ -144,16 +146,28 @@ class BaseScore(ParamClass):
                 (e.g. a ``DataLoader``); both give the same fitted state.
             calib_labels: labels of ``calib_data`` when it is a tensor (only used by scores
                 that need labels).
+            distributed: ``True`` (default world group) or a ``torch.distributed`` process
+                group: ``calib_data`` is this rank's shard and the calibration states of
+                every rank are merged, so all ranks get the score fit on the rank-ordered
+                union (see :mod:`scio.scores.distributed`). Every rank must call ``fit``.
         """
+        from scio.scores.distributed import resolve_group
+
+        group = resolve_group(distributed)
         batches, n_known = as_batches(calib_data, calib_labels)
         stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in batches)
-        return self._fit_stream(rnet, stream, n_known)
+        return self._fit_stream(rnet, stream, n_known, group=group)
 
     def _fit_stream(
-        self, rnet: Recorder, batches: Iterable[CalibBatch], n_known: int | None
+        self,
+        rnet: Recorder,
+        batches: Iterable[CalibBatch],
+        n_known: int | None,
+        *,
+        group: Any = None,
     ) -> BaseScore:
         """Run calibration on a stream of batches."""
-        session = FitSession(self, rnet, n_known)
+        session = FitSession(self, rnet, n_known, group=group)
         for batch in batches:
             session.update(batch)
         session.finish()
@@ -249,7 +263,13 @@ class FitSession:
     is stored.
     """
 
-    def __init__(self, score: BaseScore, rnet: Recorder, n_known: int | None) -> None:
+    def __init__(
+        self, score: BaseScore, rnet: Recorder, n_known: int | None, *, group: Any = None
+    ) -> None:
+        self.group = group  # torch.distributed group to merge over (None: single process)
+        self._attrs_before = set(score.__dict__)
+        if group is not None:
+            n_known = None  # a shard's size: the global count is known after the merge
         if n_known == 0:
             msg = "`calib_data` must hold at least one sample (got an empty calibration set)"
             raise ValueError(msg)
@@ -305,18 +325,23 @@ class FitSession:
         """Compute the fitted state, mark the score fit and store the duration."""
         score = self.score
         start = perf_counter()
-        if self.n_samples == 0:
+        n_total = self.n_samples
+        if self.group is not None:
+            from scio.scores.distributed import merge_session
+
+            n_total = merge_session(self.group, score, self, self._attrs_before)
+        if n_total == 0:
             msg = "`calib_data` must hold at least one sample (got an empty calibration set)"
             raise ValueError(msg)
-        if self.n_known != self.n_samples:
-            score._check_params(self.n_samples)
+        if self.n_known != n_total:
+            score._check_params(n_total)
         grad = torch.enable_grad() if self._grad else torch.no_grad()
         with grad, eval_mode(score.rnet.net):
             score._calib_end()
         score.__dict__.pop("_state", None)  # keep only the fitted state, not the features
         score._fit_input_shape = self.input_shape
         score._fit_input_dtype = self.input_dtype
-        score._fit_n_samples = self.n_samples
+        score._fit_n_samples = n_total
         self.duration += perf_counter() - start
         score.timer.add("calibration", self.n_samples, self.duration)
         score._is_fit = True

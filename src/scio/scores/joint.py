@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from scio.recorder import DepthIdx, Recorder
 from scio.scores.base import BaseScore, FitSession
 from scio.scores.calibration import CalibBatch, as_batches
+from scio.scores.distributed import example_input, resolve_group
 from scio.scores.inference import JointInference, infer_jointly
 from scio.scores.validation import eval_mode
 
@@ -45,6 +46,7 @@ def fit_jointly(
     *,
     batch_size: int | None = None,
     on_batch: _Progress | None = None,
+    distributed: Any = False,
     **recorder_kwargs: Any,
 ) -> list[BaseScore]:
     """Calibrate every score on ``net`` with one forward pass per calibration batch.
@@ -61,6 +63,8 @@ def fit_jointly(
         calib_labels: labels when ``calib_data`` is a tensor.
         batch_size: split a tensor ``calib_data`` into batches of this size.
         on_batch: called with the number of samples processed so far after each batch.
+        distributed: ``True`` or a process group: ``calib_data`` is this rank's shard (it may
+            be empty) and every score is merged over the ranks (see ``BaseScore.fit``).
         **recorder_kwargs: passed to every :class:`~scio.recorder.Recorder`.
 
     Returns:
@@ -72,14 +76,18 @@ def fit_jointly(
         n_known: int | None = len(calib_data)
     else:
         stream, n_known = as_batches(calib_data, calib_labels)
+    group = resolve_group(distributed)
     iterator = iter(stream)
-    try:
-        first = next(iterator)
-    except StopIteration:
+    first: tuple[Tensor, Any] | None = next(iterator, None)
+    if group is not None:  # an empty rank borrows the probe input of another rank
+        probe = example_input(group, None if first is None else first[0][:1], net)
+    elif first is None:
         msg = "`calib_data` is empty: calibration needs at least one sample"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
+    else:
+        probe = first[0][:1]
     if "input_data" not in recorder_kwargs and "input_size" not in recorder_kwargs:
-        recorder_kwargs["input_data"] = first[0][:1]
+        recorder_kwargs["input_data"] = probe
 
     union = Recorder(net, **recorder_kwargs)
     union.record(*chain.from_iterable(layers for _, layers in pairs))
@@ -87,13 +95,13 @@ def fit_jointly(
     for score, layers in pairs:
         rnet = Recorder(net, **recorder_kwargs)
         rnet.record(*layers)
-        sessions.append((FitSession(score, rnet, n_known), set(rnet.recording)))
+        sessions.append((FitSession(score, rnet, n_known, group=group), set(rnet.recording)))
 
     with eval_mode(net):
         for session, _ in sessions:
-            session.prepare(first[0])  # e.g. head discovery, before the shared forwards
+            session.prepare(first[0] if first is not None else probe)  # e.g. head discovery
         union._tap(*(module for session, _ in sessions for module in session.score.rnet._taps))
-        _run(sessions, union, chain([first], iterator), on_batch)
+        _run(sessions, union, chain([first] if first else [], iterator), on_batch)
     for session, _ in sessions:
         session.finish()
     union.remove_hooks()
