@@ -136,6 +136,7 @@ def fit_scores(
     *,
     batch_size: int | None = None,
     show_progress: bool = True,
+    distributed: Any = False,
 ) -> list[BaseScoreClassif]:
     """Fit every score on its layers of ``net``, with **one** forward pass per calibration batch.
 
@@ -149,6 +150,8 @@ def fit_scores(
         calib_labels: labels of a tensor ``calib_data`` (ignored by label-free scores).
         batch_size: split a tensor ``calib_data`` in batches of this size (default: one).
         show_progress: display a rich progress bar (in samples).
+        distributed: ``True`` or a process group: ``calib_data`` is this rank's shard and the
+            scores are merged over the ranks (see :func:`scio.scores.fit_jointly`).
 
     Returns:
         The fitted scores (the same objects), in input order.
@@ -166,7 +169,13 @@ def fit_scores(
             progress.update(task, completed=n_done)
 
         fitted = fit_jointly(
-            pairs, net, calib_data, calib_labels, batch_size=batch_size, on_batch=on_batch
+            pairs,
+            net,
+            calib_data,
+            calib_labels,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            distributed=distributed,
         )
         done = progress.tasks[0].completed
         progress.update(task, total=total or done, completed=total or done, status="Done")
