@@ -1,0 +1,97 @@
+"""SHE: simplified Hopfield energy with per-class stored patterns."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from scio.scores.base import StreamingCalibration
+from scio.scores.calibration import CalibBatch, validate_labels
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.head import HeadMixin
+
+__all__ = ["SHE", "she_conformity", "she_templates"]
+
+_F64 = torch.float64
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64, everything else is computed in float32."""
+    return _F64 if dtype == _F64 else torch.float32
+
+
+def she_templates(sums: Tensor, counts: Tensor) -> Tensor:
+    """Stored patterns ``(C, d)``: per-class mean of the correctly predicted features, from
+    their per-class sums ``(C, d)`` and counts ``(C,)``; NaN rows for empty classes."""
+    return sums / counts.unsqueeze(1)
+
+
+def she_conformity(logits: Tensor, features: Tensor, templates: Tensor) -> Tensor:
+    """SHE conformity ``(n,)``: ``<x, S_ŷ>`` with ``ŷ = argmax z`` (``-inf`` where ``S_ŷ``
+    is undefined), in the compute dtype (float32, float64 for float64 features)."""
+    dtype = _compute_dtype(features.dtype)
+    x = features.reshape(len(features), -1).to(dtype)
+    pred = logits.argmax(dim=1)
+    energy = (x * templates.to(x)[pred]).sum(dim=1)
+    return energy.masked_fill(energy.isnan(), -math.inf)
+
+
+class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
+    """Simplified Hopfield energy (Zhang et al., "Out-of-Distribution Detection based on
+    In-Distribution Data Patterns Memorization with Modern Hopfield Energy", ICLR 2023).
+
+    Idea: the penultimate features of correctly classified training samples are memorised
+    as one stored pattern per class (their mean); an input's Hopfield energy with the
+    pattern of its predicted class, simplified to an inner product, is high for
+    in-distribution inputs.
+
+    Formula: with ``x`` the head's input features, ``ŷ = argmax z`` and
+    ``S_c = mean {x_i : y_i = c = ŷ_i}`` over calibration, ``conformity = <x, S_ŷ>``,
+    identical for every class.
+
+    Classes with no correctly predicted calibration sample have no stored pattern: a
+    ``UserWarning`` names them at fit, and inputs predicted as one of them get conformity
+    ``-inf`` (documented fallback).
+
+    Args:
+        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+
+    Cost: calibration needs labels and keeps float64 per-class running sums (``O(C d)``).
+    Inference: one forward, then ``O(n d)``. Fitted state: ``templates`` ``(C, d)``
+    (NaN rows for classes without a pattern).
+    """
+
+    _fitted_attrs: ClassVar[tuple[str, ...]] = (*HeadMixin._head_fitted_attrs, "templates")
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        out = batch.out
+        n_classes = out.shape[1]
+        labels = validate_labels(batch.labels, len(batch), n_classes).to(out.device)
+        features = self.head_features(batch).to(_F64)
+        correct = out.argmax(dim=1) == labels
+        ids = labels[correct]
+        sums = features.new_zeros((n_classes, features.shape[1]))
+        sums.index_add_(0, ids, features[correct])
+        self._state.add("sum", sums)
+        self._state.add("count", torch.bincount(ids, minlength=n_classes).to(_F64))
+
+    def _calib_end(self) -> None:
+        counts = self._state.sum("count")
+        empty = (counts == 0).nonzero().squeeze(1).tolist()
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            warnings.warn(
+                f"SHE: {len(empty)} class(es) have no correctly predicted calibration "
+                f"sample ({shown}): inputs predicted as them get conformity -inf",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.templates: Tensor = she_templates(self._state.sum("sum"), counts)
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out, features = self.head_forward(inputs)
+        return out, she_conformity(out, features, self.templates).to(out.dtype)
