@@ -4,6 +4,7 @@ from scio.scores.classification.base import BaseScoreClassif, TemplateClassif
 from scio.scores.classification.deepmahalanobis import DeepMahalanobis
 from scio.scores.classification.dknn import DkNN
 from scio.scores.classification.energy import Energy
+from scio.scores.classification.fdbd import fDBD
 from scio.scores.classification.featuresqueezing import FeatureSqueezing
 from scio.scores.classification.gradnorm import GradNorm
 from scio.scores.classification.gram import Gram
@@ -13,18 +14,24 @@ from scio.scores.classification.jtla import JTLA, JTLATestMultinomial
 from scio.scores.classification.knn import KNN
 from scio.scores.classification.lid import LID
 from scio.scores.classification.logit import Logit
+from scio.scores.classification.nci import NCI
+from scio.scores.classification.nnguide import NNGuide
 from scio.scores.classification.odds import Odds
 from scio.scores.classification.odin import ODIN
 from scio.scores.classification.react import ReAct
 from scio.scores.classification.relativemahalanobis import RelativeMahalanobis
+from scio.scores.classification.she import SHE
 from scio.scores.classification.softmax import BaselineClassif, Softmax
 from scio.scores.classification.trust import Trust
+from scio.scores.classification.vim import ViM
 
 __all__ = [
     "JTLA",
     "KNN",
     "LID",
+    "NCI",
     "ODIN",
+    "SHE",
     "BaseScoreClassif",
     "BaselineClassif",
     "DeepMahalanobis",
@@ -37,10 +44,13 @@ __all__ = [
     "JTLATestMultinomial",
     "JointEnergy",
     "Logit",
+    "NNGuide",
     "Odds",
     "ReAct",
     "RelativeMahalanobis",
     "Softmax",
     "TemplateClassif",
     "Trust",
+    "ViM",
+    "fDBD",
 ]
