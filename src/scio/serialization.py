@@ -23,7 +23,15 @@ from scio.recorder import Recorder
 from scio.scores.base import BaseScore
 from scio.scores.utils import Index
 
-__all__ = ["FORMAT_VERSION", "ScoreFileError", "load_score", "save_score"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ScoreFileError",
+    "check_payload",
+    "load_score",
+    "save_score",
+    "score_from_payload",
+    "score_payload",
+]
 
 FORMAT_VERSION = 1
 _MAGIC = "scio-score"
@@ -127,6 +135,11 @@ def _layer_shapes(rnet: Recorder, input_shape: tuple[int, ...], dtype: torch.dty
 
 def save_score(score: BaseScore, path: PathLike) -> None:
     """Write a fitted ``score`` to ``path`` (see :func:`load_score`)."""
+    torch.save(score_payload(score), path)
+
+
+def score_payload(score: BaseScore) -> dict[str, Any]:
+    """The safe content of a score file (tensors and plain values), e.g. to embed it."""
     if not score.is_fit:
         msg = f"Only a fitted score can be saved; {type(score).__name__} is not fit"
         raise RuntimeError(msg)
@@ -145,7 +158,7 @@ def save_score(score: BaseScore, path: PathLike) -> None:
         "net_dtype": str(_net_dtype(rnet.net)).removeprefix("torch."),
         "fitted": {name: _encode(getattr(score, name)) for name in score._fitted_attrs},
     }
-    torch.save(payload, path)
+    return payload
 
 
 # -- load ----------------------------------------------------------------------------------
@@ -189,13 +202,18 @@ def _read(path: PathLike) -> dict[str, Any]:
             raise
         msg = f"{os.fspath(path)!r} is not a readable scio score file ({exc})"
         raise ScoreFileError(msg) from exc
+    return check_payload(payload, os.fspath(path))
+
+
+def check_payload(payload: Any, source: str) -> dict[str, Any]:
+    """Raise :class:`ScoreFileError` unless ``payload`` is a score of this format version."""
     if not isinstance(payload, dict) or payload.get("magic") != _MAGIC:
-        msg = f"{os.fspath(path)!r} is not a scio score file"
+        msg = f"{source!r} is not a scio score file"
         raise ScoreFileError(msg)
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         msg = (
-            f"{os.fspath(path)!r} uses scio score format version {version!r}; this scio "
+            f"{source!r} uses scio score format version {version!r}; this scio "
             f"reads version {FORMAT_VERSION}"
         )
         raise ScoreFileError(msg)
@@ -228,16 +246,30 @@ def load_score(
         ScoreFileError: unsafe or unreadable file, other format version, other algorithm
             than ``expected``, or recorded layers whose shapes differ on ``net``.
     """
-    payload = _read(path)
+    return score_from_payload(
+        _read(path), net, os.fspath(path), expected=expected, classes=classes, **recorder_kwargs
+    )
+
+
+def score_from_payload(
+    payload: dict[str, Any],
+    net: nn.Module,
+    source: str,
+    *,
+    expected: type[BaseScore] | None = None,
+    classes: Iterable[type[BaseScore]] = (),
+    **recorder_kwargs: Any,
+) -> BaseScore:
+    """:func:`load_score` from a checked payload (``source`` names it in errors)."""
     known = _score_classes()
     known.update({cls.__name__: cls for cls in classes})
     name = payload["class"]
     if expected is not None and name != expected.__name__:
-        msg = f"{os.fspath(path)!r} holds a {name} score, not a {expected.__name__}"
+        msg = f"{source!r} holds a {name} score, not a {expected.__name__}"
         raise ScoreFileError(msg)
     if name not in known:
         msg = (
-            f"{os.fspath(path)!r} holds a score of unknown class {name!r}; pass it with "
+            f"{source!r} holds a score of unknown class {name!r}; pass it with "
             "`classes=[...]` if it is your own"
         )
         raise ScoreFileError(msg)
