@@ -69,12 +69,14 @@ def _label_counts(
 
 
 def _prior(test: dict[str, Any]) -> Tensor:
+    """The reference's prior: the special prior is built in the default dtype (float32)."""
     prior = torch.ones(N_CLASSES, N_CLASSES, dtype=torch.float64)
     if "special_prior" in test:
         e = test["special_prior"]
         for a in range(N_CLASSES):
             for b in range(N_CLASSES):
-                prior[a, b] = 2 - (N_CLASSES - 1) * e / N_CLASSES if a == b else 1 + e / N_CLASSES
+                value = 2 - (N_CLASSES - 1) * e / N_CLASSES if a == b else 1 + e / N_CLASSES
+                prior[a, b] = float(torch.tensor(value, dtype=torch.float32))
     elif "prior" in test:
         prior = prior * torch.as_tensor(test["prior"], dtype=torch.float64)
     return prior
@@ -146,7 +148,8 @@ def _naive_jtla(
         for l in range(n_layers):
             for c in range(N_CLASSES):
                 members = [self_counts[l][i] for i in range(n) if groups[i] == c]
-                ref = torch.tensor(members, dtype=torch.float64).reshape(-1, N_CLASSES)
+                # integer counts, as the reference's knn_label_count returns them
+                ref = torch.tensor(members, dtype=torch.int64).reshape(-1, N_CLASSES)
                 tests[l, c] = multinomial_test(ref, prior[c], test["mode"])
 
         def run(counts: list[list[list[int]]], i: int) -> list[list[float]]:
@@ -154,7 +157,7 @@ def _naive_jtla(
             for c in range(N_CLASSES):
                 row = []
                 for l in range(n_layers):
-                    obs = torch.tensor(counts[l][i], dtype=torch.float64)
+                    obs = torch.tensor(counts[l][i], dtype=torch.int64)
                     value = float(tests[l, c](obs))
                     row.append(INF if math.isnan(value) else value)
                 out.append(row)

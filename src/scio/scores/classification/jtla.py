@@ -119,11 +119,12 @@ def multinomial_tests(obs: Tensor, params: Tensor, mode: MultinomialTestMode) ->
         mode: the test mode.
 
     Returns:
-        ``(C, n)`` float64 statistics, high = deviant, NaN and ``+inf`` → ``+inf``.
+        ``(C, n)`` statistics in ``params``' dtype, high = deviant, NaN and ``+inf`` → ``+inf``.
+        As in the reference, ``obs`` keeps its dtype (int64 counts) and ``params`` the
+        activations' dtype, so every test is computed with the reference's dtypes.
 
     """
-    obs = obs.to(torch.float64)
-    params = params.to(device=obs.device, dtype=torch.float64)
+    params = params.to(device=obs.device)
     n_classes = params.shape[0]
     chunk = max(1, _MAX_TEST_ELEMENTS // max(1, n_classes * n_classes))
     if mode in (MultinomialTestMode.MLE, MultinomialTestMode.MAP):
@@ -292,14 +293,15 @@ class JTLA(StreamingCalibration, BaseScoreClassif):
         IndexMetric(self.index_metric)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _prior(self, n_classes: int, device: torch.device) -> Tensor:
+    def _prior(self, n_classes: int, like: Tensor) -> Tensor:
+        """``(C, C)`` prior in ``like``'s dtype, rounded as the reference does."""
         test = self.test
         if "special_prior" in test:
             e = float(test["special_prior"])
-            prior = torch.full((n_classes, n_classes), 1 + e / n_classes, dtype=torch.float64)
+            prior = torch.full((n_classes, n_classes), 1 + e / n_classes)  # default dtype
             prior.fill_diagonal_(2 - (n_classes - 1) * e / n_classes)
-            return prior.to(device)
-        value = torch.as_tensor(test.get("prior", 1.0), dtype=torch.float64, device=device)
+            return prior.to(like)
+        value = torch.as_tensor(test.get("prior", 1)).to(like)
         return value.broadcast_to((n_classes, n_classes)).clone()
 
     def _conditions(self) -> tuple[_Condition, ...]:
@@ -349,12 +351,12 @@ class JTLA(StreamingCalibration, BaseScoreClassif):
         k = int(self.test["k"])
         mode = MultinomialTestMode(self.test["mode"])
         device = features[0].device
-        prior = self._prior(n_classes, device)
+        prior = self._prior(n_classes, features[0])
         indexes: tuple[Index, ...] = make_indexes(features, metric=self.index_metric)
         self_counts, counts = [], []
         for index, feats in zip(indexes, features):
             own = knn_label_count(index, labels, n_classes, k, feats, self_query=True)
-            self_counts.append(own.to(torch.float64))
+            self_counts.append(own)
             counts.append(knn_label_count(index, labels, n_classes, k, feats))
         self.indexes: tuple[Index, ...] = indexes
         self.labels: Tensor = labels
@@ -369,7 +371,8 @@ class JTLA(StreamingCalibration, BaseScoreClassif):
             groups = groups.to(device)
             params = []
             for own in self_counts:
-                ref = torch.zeros((n_classes, n_classes), dtype=torch.float64, device=device)
+                # int64 sums of the int64 counts, then the prior in the activations' dtype
+                ref = torch.zeros((n_classes, n_classes), dtype=own.dtype, device=device)
                 ref.index_add_(0, groups, own.to(device))
                 if mode == MultinomialTestMode.MAP:
                     ref = ref + prior - 1

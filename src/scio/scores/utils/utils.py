@@ -208,17 +208,19 @@ def batched_grad(
 
 def fgm_direction(grad: Tensor, *, p: float = math.inf, check: bool = True) -> Tensor:
     """Fast Gradient Method direction: per sample (dim 0 = batch), the unit ``p``-norm
-    direction ``d`` maximising ``<grad, d>``.
+    direction ``d`` maximising ``<grad, d>`` (Goodfellow et al., ICLR 2015, for ``p = inf``).
 
     Entries with ``|g| <= eps(dtype)`` are zeroed **in place** in ``grad``. ``p = inf`` →
     ``sign(g)``; ``1 < p < inf`` → ``normalize(|g|, ord=q)**(q-1) · sign(g)`` with
     ``q = p/(p-1)``; ``p = 1`` → the mass split equally over the max-``|g|`` coordinates, with
-    their sign. Zero gradients give zero directions.
+    their sign. Zero gradients give zero directions. As in the reference, the direction and its
+    norm check are computed in ``grad``'s own dtype (so half precision can fail the check).
 
     Args:
         grad: Gradients, samples along the first dimension.
         p: Norm order, ``p >= 1``.
-        check: Assert that each output's ``p``-norm is 1 (0 for zero gradients).
+        check: Assert that each output's ``p``-norm is 1 (0 for zero gradients), with
+            ``torch.testing.assert_close`` tolerances (half: ``atol=1e-3, rtol=3e-3``).
 
     Raises:
         ValueError: Non-finite gradient or ``p < 1``.
@@ -232,7 +234,7 @@ def fgm_direction(grad: Tensor, *, p: float = math.inf, check: bool = True) -> T
         msg = f"Parameter p must satisfy `p>=1` (got {p!r})"
         raise ValueError(msg)
     grad.masked_fill_(grad.abs() <= torch.finfo(grad.dtype).eps, 0)
-    g = grad.to(_upcast(grad.dtype))
+    g = grad
     start = min(1, g.ndim)
     if p == math.inf:
         direction = g.sign()
@@ -240,24 +242,22 @@ def fgm_direction(grad: Tensor, *, p: float = math.inf, check: bool = True) -> T
         absg = _flat_samples(g, start).abs()
         is_max = absg == absg.amax(dim=-1, keepdim=True)
         count = is_max.sum(dim=-1, keepdim=True)
-        direction = (g.sign() * (is_max / count).reshape(g.shape)).to(g.dtype)
+        direction = (g.sign() * (is_max / count).to(g.dtype).reshape(g.shape)).to(g.dtype)
     else:
         q = p / (p - 1)
         direction = normalize_samples(g.abs(), ord=q, sample_start_dim=start) ** (q - 1)
         direction = direction * g.sign()
-    direction = direction.to(grad.dtype)
     if check:
         _check_unit_norm(direction, grad, p, start)
     return direction
 
 
 def _check_unit_norm(direction: Tensor, grad: Tensor, p: float, start: int) -> None:
-    flat_d = _flat_samples(direction.to(_upcast(direction.dtype)), start)
-    norms = torch.linalg.vector_norm(flat_d, ord=p, dim=-1)
+    norms = torch.linalg.vector_norm(_flat_samples(direction, start), ord=p, dim=-1)
     nonzero = _flat_samples(grad, start).ne(0).any(dim=-1)
     expected = nonzero.to(norms.dtype)
     tol: dict[str, Any] = {}
-    if direction.dtype in (torch.float16, torch.bfloat16):
+    if direction.dtype == torch.float16:
         tol = {"atol": 1e-3, "rtol": 3e-3}
     try:
         torch.testing.assert_close(norms, expected, **tol)
@@ -384,8 +384,11 @@ def knn_label_count(
         self_query: See :meth:`Index.search`.
 
     Returns:
-        ``(n_query, n_classes)`` int64 counts on the query's device, or a NaN-filled float
-        tensor if ``k + self_query > index.ntotal``.
+        ``(n_query, n_classes)`` int64 counts on the query's device, or, as in the reference,
+        a NaN-filled tensor of the default float dtype (float32) if
+        ``k + self_query > index.ntotal``. Exactly tied neighbours are resolved by
+        :meth:`Index.search` (lowest id first with the torch backend; ``backend="faiss"``
+        reproduces the reference's faiss order, which differs for the ``ip`` metric).
 
     Raises:
         ValueError: Wrong ``labels`` shape or a label ``>= n_classes``.
@@ -401,7 +404,7 @@ def knn_label_count(
         raise ValueError(msg)
     n_query = query.shape[0] if query.ndim else 1
     if k + self_query > ntotal:
-        dtype = query.dtype if query.is_floating_point() else torch.get_default_dtype()
+        dtype = torch.get_default_dtype()
         return torch.full((n_query, n_classes), math.nan, dtype=dtype, device=query.device)
     _, I = index.search(query, k, self_query=self_query)
     found = I >= 0  # fillers (NaN queries) are not counted
@@ -437,10 +440,12 @@ def ak_lpe(index: Index, k: int, query: Tensor, *, self_query: bool = False) -> 
 def kldiv(inputs: Tensor, expected: Tensor) -> Tensor:
     """Kullback-Leibler divergence ``KL(inputs ‖ expected)`` along the last axis.
 
-    Both are first normalised to sum 1 along the last axis (they broadcast). ``0·log 0`` terms
-    count as 0, ``q = 0 < p`` gives ``inf``. A row of ``inputs`` with a NaN or negative value
-    gives NaN; any NaN or negative value in ``expected`` makes the whole result NaN. The result
-    has the promoted floating dtype (float32 if both are integer).
+    Both are first normalised to sum 1 along the last axis (they broadcast), each in its own
+    dtype (integer counts divide to the default float dtype), then cast to the result dtype, as
+    the reference does. ``0·log 0`` terms count as 0, ``q = 0 < p`` gives ``inf``. A row of
+    ``inputs`` with a NaN or negative value gives NaN; a NaN or negative value in ``expected``
+    (or an all-zero ``expected``) makes every result compared to that row NaN. The result has
+    the promoted floating dtype (float32 if both are integer).
 
     Raises:
         ValueError: ``expected`` is a scalar.
@@ -450,19 +455,16 @@ def kldiv(inputs: Tensor, expected: Tensor) -> Tensor:
         msg = "`expected` must be at least a 1D tensor (got scalar)"
         raise ValueError(msg)
     dtype = _result_float_dtype(inputs, expected)
-    work = _upcast(dtype)
-    p = inputs.to(work)
-    q = expected.to(device=p.device, dtype=work)
-    p = p / p.sum(dim=-1, keepdim=True)
-    q = q / q.sum(dim=-1, keepdim=True)
-    terms = torch.where(p > 0, p * (p.log() - q.log()), 0.0)
-    result = terms.sum(dim=-1)
-    bad_rows = (inputs.isnan() | (inputs < 0)).any(dim=-1)
-    result = result.masked_fill(bad_rows.to(result.device), math.nan)
-    bad_expected = bool((expected.isnan() | (expected < 0)).any())
-    if bad_expected:
-        result = torch.full_like(result, math.nan)
-    return result.to(dtype)
+    expected = expected.to(device=inputs.device)
+    q = (expected / expected.sum(dim=-1, keepdim=True)).to(dtype)
+    p = (inputs / inputs.sum(dim=-1, keepdim=True)).to(dtype)
+    # xlogy(p, p) - p·log q (torch's kl_div), with 0·log 0 = 0 and p > 0 = q giving +inf
+    terms = torch.nn.functional.kl_div(q.log(), p, reduction="none")
+    result = terms.nan_to_num(nan=0.0, posinf=math.inf).sum(dim=-1)
+    bad_rows = (p.isnan() | (p < 0)).any(dim=-1)
+    # an invalid expected distribution (e.g. all zero) invalidates every row compared to it
+    bad_expected = (q.isnan() | (q < 0)).any(dim=-1)
+    return result.masked_fill(bad_rows | bad_expected, math.nan)
 
 
 def dirmult_surprise(counts: Tensor, alpha: Tensor | float) -> Tensor:
@@ -470,6 +472,10 @@ def dirmult_surprise(counts: Tensor, alpha: Tensor | float) -> Tensor:
 
     ``lnΓ(n+A) - lnΓ(n+1) - lnΓ(A) + Σ lnΓ(α_i) + Σ lnΓ(c_i+1) - Σ lnΓ(c_i+α_i)`` along the
     last axis, with ``n = Σ c_i`` and ``A = Σ α_i`` (``alpha`` broadcasts against ``counts``).
+    Computed in the reference's order and dtypes: each ``lnΓ`` term in the dtype of its own
+    argument (integer counts give default-float ``lnΓ(c+1)``, ``c + α`` the promoted dtype),
+    the constant part first, then the count terms; the result is cast to the promoted floating
+    dtype of ``counts`` and ``alpha`` (float32 if both are integer).
 
     Raises:
         ValueError: ``counts`` is a scalar, or its sums along the last axis are not constant.
@@ -479,27 +485,27 @@ def dirmult_surprise(counts: Tensor, alpha: Tensor | float) -> Tensor:
         msg = "`counts` must be at least a 1D tensor (got scalar)"
         raise ValueError(msg)
     alpha_t = torch.as_tensor(alpha, device=counts.device)
+    if alpha_t.ndim == 0:
+        alpha_t = alpha_t.expand(counts.shape[-1])
     totals = counts.sum(dim=-1)
     known = totals[~totals.isnan()] if totals.is_floating_point() else totals.reshape(-1)
     if known.numel() and bool((known != known[0]).any()):
         msg = "`counts` must have constant sum along last axis"
         raise ValueError(msg)
     dtype = _result_float_dtype(counts, alpha_t)
-    work = _upcast(dtype)
-    c = counts.to(work)
-    a = alpha_t.to(work).expand_as(c) if alpha_t.ndim == 0 else alpha_t.to(work)
-    n = c.sum(dim=-1)
-    A = a.sum(dim=-1)
-    lg = torch.lgamma
-    result = (
-        lg(n + A)
-        - lg(n + 1)
-        - lg(A)
-        + lg(a).sum(dim=-1)
-        + lg(c + 1).sum(dim=-1)
-        - lg(c + a).sum(dim=-1)
-    )
-    return result.to(dtype)
+    gln = torch.special.gammaln
+    n = totals.unsqueeze(-1)  # (*batch, 1), counts' dtype (the reference's scalar ``n``)
+    a = alpha_t.sum(dim=-1, keepdim=True)
+    constant = gln(n + a) - gln(n + 1) - gln(a) + gln(alpha_t).sum(dim=-1, keepdim=True)
+    count_terms = gln(counts + 1).sum(dim=-1, keepdim=True)
+    if counts.ndim > 1:
+        # The reference's constant is a 0-dim tensor, so adding it to the batched count terms
+        # takes *their* dtype (torch's promotion of 0-dim tensors): e.g. float32 lnΓ(c + 1) of
+        # integer counts make the whole sum float32 even for float64 ``alpha``.
+        constant = constant.to(torch.result_type(constant[(0,) * constant.ndim], count_terms))
+    result = constant + count_terms
+    result = result - gln(counts + alpha_t).sum(dim=-1, keepdim=True)
+    return result.squeeze(-1).to(dtype)
 
 
 def multinomial_test(
