@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DistributedMismatchError", "example_input", "merge_session", "resolve_group"]
 
-#: Private attributes created during calibration that are not copied to empty ranks.
+#: Private attributes created during calibration that are not copied to empty ranks (the
+#: others, plain values and tensors such as a score's class count or a fixed origin, are).
 _SKIPPED_ATTRS = frozenset({"_state", "_calib_buffer", "_rnet", "_timer", "_is_fit"})
 _SIMPLE = (bool, int, float, str, type(None))
 
@@ -107,6 +108,7 @@ class _Spec:
     config: tuple[str, str, tuple[Any, ...]]  # class, params repr, recorded layers
     n_samples: int
     input_shape: tuple[int, ...] | None
+    input_dtype: str
     parts: dict[str, tuple[tuple[int, ...], str]]  # name -> (trailing shape, dtype)
     sums: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     buffer: tuple[tuple[int, ...], str, str, str] | None  # inputs shape, dtype; labels kind, dtype
@@ -142,14 +144,23 @@ def _local_spec(score: BaseScore, session: FitSession, attrs_before: set[str]) -
         label_dtype = str(labels[0].dtype) if kind == "tensor" else ""
         buffer = (tuple(inputs.shape[1:]), str(inputs.dtype), kind, label_dtype)
     extras = {
-        name: value
+        name: value.detach().cpu() if isinstance(value, Tensor) else value
         for name, value in score.__dict__.items()
         if name.startswith("_")
         and name not in attrs_before
         and name not in _SKIPPED_ATTRS
-        and _simple(value)
+        and (_simple(value) or isinstance(value, Tensor))
     }
-    return _Spec(config, session.n_samples, session.input_shape, parts, sums, buffer, extras)
+    return _Spec(
+        config,
+        session.n_samples,
+        session.input_shape,
+        str(session.input_dtype),
+        parts,
+        sums,
+        buffer,
+        extras,
+    )
 
 
 def _check_agreement(specs: list[_Spec]) -> list[int]:
@@ -163,7 +174,7 @@ def _check_agreement(specs: list[_Spec]) -> list[int]:
             "score class, hyper-parameters or recorded layers differ:\n  " + "\n  ".join(lines)
         )
     full = [rank for rank, spec in enumerate(specs) if spec.n_samples]
-    for field in ("input_shape", "parts", "sums", "buffer", "extras"):
+    for field in ("input_shape", "parts", "sums", "buffer"):  # extras may differ (counters)
         values = {rank: getattr(specs[rank], field) for rank in full}
         if len({repr(v) for v in values.values()}) > 1:
             lines = [f"rank {rank}: {value}" for rank, value in values.items()]
@@ -260,8 +271,15 @@ def merge_session(group: Any, score: BaseScore, session: FitSession, attrs_befor
     state = score.__dict__.get("_state")
     if local.n_samples == 0:
         for name, value in reference.extras.items():
-            score.__dict__[name] = value
+            score.__dict__[name] = value.to(device) if isinstance(value, Tensor) else value
         session.input_shape = reference.input_shape
+        session.input_dtype = _dtype(reference.input_dtype)
+        if not session._prepared and reference.input_shape is not None:
+            # binding steps run on the first batch (e.g. head discovery) need a probe input:
+            # zeros of the shared input shape (only the network's structure is used)
+            probe = torch.zeros((1, *reference.input_shape), dtype=session.input_dtype)
+            with torch.no_grad():
+                session.prepare(probe.to(device))
     if reference.parts or reference.sums:
         assert isinstance(state, CalibState)
         merged = CalibState()

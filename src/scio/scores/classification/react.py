@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -12,7 +13,8 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.shaping import check_readout, readout
-from scio.scores.utils import torch_quantile
+from scio.scores.utils import sketch, torch_quantile
+from scio.scores.utils.sketch import QuantileSummary
 from scio.utils.misc import check
 
 __all__ = ["ReAct"]
@@ -105,21 +107,64 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
 
     def _calib_update(self, batch: CalibBatch) -> None:
         activations = self.normalize(batch.activations, concatenate=not self.per_layer)
+        state = self._state
         for i, activation in enumerate(activations):
-            self._state.append(f"layer{i}", activation.reshape(-1))
+            if f"sketch{i}.sizes" not in state:  # empty block list: same state on every rank
+                empty = QuantileSummary.exact(activation.new_empty(0))
+                sketch.append_summary(state, f"sketch{i}", empty)
+            state.append(f"layer{i}", activation.reshape(-1))
+            if sketch.kept_numel(state, f"layer{i}") > sketch.EXACT_BUDGET:
+                self._compress(i)
+
+    def _compress(self, i: int) -> None:
+        """Turn the exactly kept values of threshold set ``i`` into a summary block."""
+        state = self._state
+        values = sketch.pop_parts(state, f"layer{i}")
+        assert values is not None
+        block = QuantileSummary.exact(values).prune(sketch.SUMMARY_SIZE)
+        sketch.append_summary(state, f"sketch{i}", block)
+        state.append(f"layer{i}", values[:0])
+        if sketch.kept_numel(state, f"sketch{i}.values") > sketch.EXACT_BUDGET:  # re-compress
+            blocks = sketch.read_summaries(state, f"sketch{i}")
+            for field in ("values", "rmin", "rmax", "sizes", "counts"):
+                sketch.pop_parts(state, f"sketch{i}.{field}")
+            merged = sketch.combine_all(blocks).prune(sketch.SUMMARY_SIZE)
+            sketch.append_summary(state, f"sketch{i}", merged)
 
     def _calib_end(self) -> None:
+        """Thresholds from the kept values: exact while at most
+        :data:`scio.scores.utils.sketch.EXACT_BUDGET` values per threshold set were kept,
+        else from a mergeable quantile summary whose certified rank error is at most
+        :data:`~scio.scores.utils.sketch.RANK_ERROR` ``· n`` (a ``UserWarning`` otherwise).
+        """
         q = self.percentile / 100
         highs: list[Tensor] = []
         lows: list[Tensor | None] = []
         i = 0
-        while f"layer{i}" in self._state:
-            values = self._state.cat(f"layer{i}")
-            highs.append(_quantile(values, q, "higher"))
-            lows.append(_quantile(values, 1 - q, "lower") if self.symmetric else None)
+        state = self._state
+        while f"layer{i}" in state:
+            blocks = state.cat(f"sketch{i}.counts") if f"sketch{i}.counts" in state else None
+            if blocks is None or not bool(blocks.any()):
+                values = state.cat(f"layer{i}")
+                highs.append(_quantile(values, q, "higher"))
+                lows.append(_quantile(values, 1 - q, "lower") if self.symmetric else None)
+            else:
+                highs.append(self._sketched(i, q, "higher"))
+                lows.append(self._sketched(i, 1 - q, "lower") if self.symmetric else None)
             i += 1
         self.clip_high: tuple[Tensor, ...] = tuple(highs)
         self.clip_low: tuple[Tensor | None, ...] = tuple(lows)
+
+    def _sketched(self, i: int, q: float, interpolation: Literal["higher", "lower"]) -> Tensor:
+        value, error, n = sketch.threshold(self._state, f"layer{i}", f"sketch{i}", q, interpolation)
+        if error > sketch.RANK_ERROR * n:
+            warnings.warn(
+                f"ReAct threshold #{i} (q={q}) has a certified rank error of {error} among {n} "
+                f"values, above the documented {sketch.RANK_ERROR} * n",
+                UserWarning,
+                stacklevel=4,
+            )
+        return value
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs)
