@@ -38,13 +38,14 @@ def _naive(weight: list, calib: list, test: tuple[list, list], alpha: float) -> 
 @pytest.mark.parametrize("alpha", [0.0, 0.01, 1.0])
 def test_nci_matches_naive(dtype: torch.dtype, alpha: float) -> None:
     generator = torch.Generator().manual_seed(5)
-    net = make_net(dtype=dtype, n_classes=4, seed=4)
-    calib = torch.rand(20, 1, 4, 4, generator=generator).to(dtype)
-    test = torch.rand(7, 1, 4, 4, generator=generator).to(dtype)
+    net = make_net(dtype=dtype, n_classes=4, seed=1)
+    calib = (3 * torch.randn(20, 1, 4, 4, generator=generator)).to(dtype)
+    test = (3 * torch.randn(7, 1, 4, 4, generator=generator)).to(dtype)
     rnet = Recorder(net, input_data=calib[[0]])
     rnet.record((1, 4))
     score = NCI(alpha=alpha).fit(rnet, calib)
     out, conformity = score(test)
+    assert len(set(out.argmax(dim=1).tolist())) > 1  # several predicted classes exercised
     assert out.dtype == conformity.dtype == dtype
     assert conformity.shape == (7, 4)
     assert torch.equal(conformity[:, 0], conformity[:, 3])
