@@ -151,6 +151,34 @@ CATALOGUE: tuple[Entry, ...] = (
             "pred_conditional": [True, False],
         },
     ),
+    Entry("Entropy", scores.Entropy, grid={"mode": ["raw", "diff"]}),
+    Entry("GEN", scores.GEN, grid={"gamma": [0.1, 0.5], "M": [None, 2]}),
+    Entry("KLM", scores.KLM),
+    Entry(
+        "OpenMax",
+        lambda: scores.OpenMax(tailsize=5),
+        uses_labels=True,
+        grid={"tailsize": [5, 25], "alpha": [1, 3], "distance": ["euclidean", "eucos"]},
+    ),
+    Entry(
+        "ASH",
+        scores.ASH,
+        (FEAT,),
+        grid={
+            "percentile": [65.0, 90.0],
+            "variant": ["p", "b", "s"],
+            "readout": ["energy", "softmax"],
+        },
+    ),
+    Entry(
+        "SCALE",
+        scores.SCALE,
+        (FEAT,),
+        grid={"percentile": [10.0, 65.0], "readout": ["energy", "msp"]},
+    ),
+    Entry(
+        "DICE", scores.DICE, (FEAT,), grid={"p": [0.0, 50.0, 90.0], "readout": ["energy", "logit"]}
+    ),
     Entry("ViM", scores.ViM, (FEAT,), grid={"dim": [None, 2, 7]}),
     Entry(
         "NNGuide",

@@ -1,16 +1,21 @@
 """Confidence scores for classifiers (one file per algorithm family)."""
 
+from scio.scores.classification.ash import ASH
 from scio.scores.classification.base import BaseScoreClassif, TemplateClassif
 from scio.scores.classification.deepmahalanobis import DeepMahalanobis
+from scio.scores.classification.dice import DICE
 from scio.scores.classification.dknn import DkNN
 from scio.scores.classification.energy import Energy
+from scio.scores.classification.entropy import Entropy
 from scio.scores.classification.fdbd import fDBD
 from scio.scores.classification.featuresqueezing import FeatureSqueezing
+from scio.scores.classification.gen import GEN
 from scio.scores.classification.gradnorm import GradNorm
 from scio.scores.classification.gram import Gram
 from scio.scores.classification.isomax import IsoMax
 from scio.scores.classification.jointenergy import JointEnergy
 from scio.scores.classification.jtla import JTLA, JTLATestMultinomial
+from scio.scores.classification.klm import KLM
 from scio.scores.classification.knn import KNN
 from scio.scores.classification.lid import LID
 from scio.scores.classification.logit import Logit
@@ -18,25 +23,33 @@ from scio.scores.classification.nci import NCI
 from scio.scores.classification.nnguide import NNGuide
 from scio.scores.classification.odds import Odds
 from scio.scores.classification.odin import ODIN
+from scio.scores.classification.openmax import OpenMax
 from scio.scores.classification.react import ReAct
 from scio.scores.classification.relativemahalanobis import RelativeMahalanobis
+from scio.scores.classification.scale import SCALE
 from scio.scores.classification.she import SHE
 from scio.scores.classification.softmax import BaselineClassif, Softmax
 from scio.scores.classification.trust import Trust
 from scio.scores.classification.vim import ViM
 
 __all__ = [
+    "ASH",
+    "DICE",
+    "GEN",
     "JTLA",
+    "KLM",
     "KNN",
     "LID",
     "NCI",
     "ODIN",
+    "SCALE",
     "SHE",
     "BaseScoreClassif",
     "BaselineClassif",
     "DeepMahalanobis",
     "DkNN",
     "Energy",
+    "Entropy",
     "FeatureSqueezing",
     "GradNorm",
     "Gram",
@@ -46,6 +59,7 @@ __all__ = [
     "Logit",
     "NNGuide",
     "Odds",
+    "OpenMax",
     "ReAct",
     "RelativeMahalanobis",
     "Softmax",
