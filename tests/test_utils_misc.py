@@ -140,14 +140,30 @@ def test_enums_signature_and_message() -> None:
     with pytest.raises(ValueError, match="Supported: 'diff', 'ratio', 'raw'"):
         ScoreClassifMode("bad")
 
-    class Arg(EnumWithExplicitSupport):
+    class Arg(str, EnumWithExplicitSupport):
         V1 = "value1"
         V2 = "value2"
 
+    # the reference names the enum by its __qualname__
     with pytest.raises(
-        ValueError, match=r"^'value3' is not a valid Arg\. Supported: 'value1', 'value2'$"
+        ValueError,
+        match=r"^'value3' is not a valid test_enums_signature_and_message\.<locals>\.Arg\. "
+        r"Supported: 'value1', 'value2'$",
     ):
         Arg("value3")
+    assert str(inspect.signature(Arg)) == "(value)"
+
+
+def test_enum_members_have_str_enum_semantics() -> None:
+    """``(str, Enum)`` as in the reference: ``str`` is ``Class.MEMBER``, not the value."""
+    from scio.utils.enums import InterpolationKind
+
+    member = InterpolationKind.CONVEX_HULL
+    assert repr(member) == "<InterpolationKind.CONVEX_HULL: 'convex_hull'>"
+    assert str(member) == "InterpolationKind.CONVEX_HULL"
+    assert f"{member}" == "InterpolationKind.CONVEX_HULL"
+    assert member == "convex_hull"
+    assert isinstance(member, str)
 
 
 class _Base(ParamClass):

@@ -258,3 +258,24 @@ def test_plot_on_current_axes_without_legend() -> None:
     ROC([False, True, True], [0, 1, 2]).plot()
     assert fig.axes[0].get_legend() is None
     plt.close(fig)
+
+
+def test_plot_single_colour_and_default_legend_placement() -> None:
+    """Like the reference: points, curve and hull all ``tab:blue``; legend at ``"best"``."""
+    fig, ax = plt.subplots()
+    ROC([False, True, True, False, True], [0.3, 0.1, 0.2, 0.9, 0.5]).plot(legend=True, ax=ax)
+    blue = mpl.colors.to_rgba("tab:blue")
+    (points,) = ax.collections[:1]
+    assert tuple(points.get_facecolor()[0]) == blue
+    step, hull = ax.lines[1], ax.lines[2]  # lines[0] is the chance diagonal
+    assert mpl.colors.to_rgba(step.get_color()) == blue
+    assert step.get_linewidth() == 1.2
+    assert mpl.colors.to_rgba(hull.get_color()) == blue
+    assert hull.get_linestyle() == ":"
+    fill = ax.collections[1]
+    assert tuple(fill.get_facecolor()[0][:3]) == blue[:3]
+    assert fill.get_alpha() == 0.15
+    legend = ax.get_legend()
+    assert legend is not None
+    assert legend._loc in (0, "best")  # matplotlib's default placement
+    plt.close(fig)

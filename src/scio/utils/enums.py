@@ -1,14 +1,16 @@
 """String enums used for hyper-parameters, with explicit error messages.
 
-Every enum is a ``str`` enum (``IndexMetric.L2 == "l2"``) and every ``XLike`` alias accepts
-either a member or its string value. An invalid value raises
-``ValueError("'x' is not a valid IndexMetric. Supported: 'ip', 'l2'")``.
+Every enum is a ``(str, Enum)`` enum, as in the reference (``IndexMetric.L2 == "l2"``,
+``str(IndexMetric.L2) == "IndexMetric.L2"``, ``repr`` ``<IndexMetric.L2: 'l2'>``), and every
+``XLike`` alias accepts either a member or its string value. An invalid value raises
+``ValueError("'x' is not a valid IndexMetric. Supported: 'ip', 'l2'")`` (the enum's
+``__qualname__``).
 """
 
 from __future__ import annotations
 
 import inspect
-from enum import StrEnum
+from enum import Enum, unique
 from typing import Any, Literal
 
 __all__ = [
@@ -34,13 +36,15 @@ __all__ = [
 ]
 
 
-class EnumWithExplicitSupport(StrEnum):
-    """``str`` enum whose invalid-value error lists the supported values."""
+class EnumWithExplicitSupport(Enum):
+    """Enum whose invalid-value error lists the supported values (mix in ``str`` first)."""
+
+    __slots__ = ()
 
     @classmethod
     def _missing_(cls, value: object) -> Any:
         supported = ", ".join(sorted(repr(member.value) for member in cls))
-        msg = f"{value!r} is not a valid {cls.__name__}. Supported: {supported}"
+        msg = f"{value!r} is not a valid {cls.__qualname__}. Supported: {supported}"
         raise ValueError(msg)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -50,14 +54,16 @@ class EnumWithExplicitSupport(StrEnum):
         )
 
 
-class InterpolationKind(EnumWithExplicitSupport):
+@unique
+class InterpolationKind(str, EnumWithExplicitSupport):
     """How a ROC curve is interpolated between its Pareto points."""
 
     CONVEX_HULL = "convex_hull"
     PESSIMISTIC = "pessimistic"
 
 
-class ScoreClassifMode(EnumWithExplicitSupport):
+@unique
+class ScoreClassifMode(str, EnumWithExplicitSupport):
     """Post-processing of per-class conformities."""
 
     DIFF = "diff"
@@ -65,21 +71,24 @@ class ScoreClassifMode(EnumWithExplicitSupport):
     RAW = "raw"
 
 
-class LabelKind(EnumWithExplicitSupport):
+@unique
+class LabelKind(str, EnumWithExplicitSupport):
     """Which labels a score calibrates with: predicted or ground truth."""
 
     PRED = "pred"
     TRUE = "true"
 
 
-class ClassAggr(EnumWithExplicitSupport):
+@unique
+class ClassAggr(str, EnumWithExplicitSupport):
     """Class aggregation of JTLA."""
 
     ADV = "adv"
     NAT = "nat"
 
 
-class ZAggr(EnumWithExplicitSupport):
+@unique
+class ZAggr(str, EnumWithExplicitSupport):
     """z-score aggregation of Odds."""
 
     DETECT = "detect"
@@ -87,14 +96,16 @@ class ZAggr(EnumWithExplicitSupport):
     SUM = "sum"
 
 
-class IndexMetric(EnumWithExplicitSupport):
+@unique
+class IndexMetric(str, EnumWithExplicitSupport):
     """Nearest-neighbour metric: squared L2 distance or inner product."""
 
     IP = "ip"
     L2 = "l2"
 
 
-class AggrName(EnumWithExplicitSupport):
+@unique
+class AggrName(str, EnumWithExplicitSupport):
     """Named aggregators (see :func:`scio.scores.utils.get_aggregator`)."""
 
     FISHER = "fisher"
@@ -107,7 +118,8 @@ class AggrName(EnumWithExplicitSupport):
     SUM = "sum"
 
 
-class MultinomialTestMode(EnumWithExplicitSupport):
+@unique
+class MultinomialTestMode(str, EnumWithExplicitSupport):
     """Statistical test of JTLA's multinomial model."""
 
     DCM = "dcm"
@@ -115,7 +127,8 @@ class MultinomialTestMode(EnumWithExplicitSupport):
     MLE = "mle"
 
 
-class ScoreTimerOperation(EnumWithExplicitSupport):
+@unique
+class ScoreTimerOperation(str, EnumWithExplicitSupport):
     """Operations timed by :class:`scio.utils.ScoreTimer`."""
 
     CALIBRATION = "calibration"

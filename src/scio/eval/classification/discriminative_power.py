@@ -69,9 +69,9 @@ def _check_kind(kind: Any) -> None:
     InterpolationKind(kind)  # ValueError listing the supported kinds
 
 
-def _check_rate(rate: Any) -> None:
+def _check_rate(rate: Any, name: str = "rate") -> None:
     if rate is not None:
-        check(0 <= rate <= 1)
+        check(0 <= rate <= 1, f"`{name}` must be a rate in [0, 1] (got {rate!r})")
 
 
 class BaseDiscriminativePower(ParamClass):
@@ -112,7 +112,9 @@ class BaseDiscriminativePower(ParamClass):
         return self.from_roc(ROC(labels, scores))
 
     def _unsupported_kind(self, kind: InterpolationKind) -> NotImplementedError:
-        return NotImplementedError(f"Unsupported kind of {type(self).__name__}: {str(kind)!r}")
+        # the parameter as given (as the reference), not the member's ``(str, Enum)`` str
+        del kind
+        return NotImplementedError(f"Unsupported kind of {type(self).__name__}: {self.kind!r}")
 
 
 def _step_integral(
@@ -150,7 +152,11 @@ class AUC(BaseDiscriminativePower):
 
     @staticmethod
     def _check_params(params: SimpleNamespace) -> None:
-        check(0 <= params.min_fpr < params.max_fpr <= 1)
+        check(
+            0 <= params.min_fpr < params.max_fpr <= 1,
+            "`min_fpr` and `max_fpr` must satisfy 0 <= min_fpr < max_fpr <= 1 (got "
+            f"min_fpr={params.min_fpr!r}, max_fpr={params.max_fpr!r})",
+        )
         _check_kind(params.kind)
 
     def from_roc(self, roc: ROC) -> float:
@@ -199,8 +205,8 @@ class TPR(BaseDiscriminativePower):
 
     @staticmethod
     def _check_params(params: SimpleNamespace) -> None:
-        _check_rate(params.max_fpr)
-        _check_rate(params.min_tnr)
+        _check_rate(params.max_fpr, "max_fpr")
+        _check_rate(params.min_tnr, "min_tnr")
         _check_kind(params.kind)
 
     def from_roc(self, roc: ROC) -> float:
@@ -239,8 +245,8 @@ class TNR(BaseDiscriminativePower):
 
     @staticmethod
     def _check_params(params: SimpleNamespace) -> None:
-        _check_rate(params.min_tpr)
-        _check_rate(params.max_fnr)
+        _check_rate(params.min_tpr, "min_tpr")
+        _check_rate(params.max_fnr, "max_fnr")
         _check_kind(params.kind)
 
     def from_roc(self, roc: ROC) -> float:
@@ -281,7 +287,10 @@ class FPR(BaseDiscriminativePower):
 
     @staticmethod
     def _check_params(params: SimpleNamespace) -> None:
-        check(0 <= params.tpr <= 1)
+        check(
+            0 <= params.tpr <= 1,
+            f"`tpr` must be a rate in [0, 1] (got {params.tpr!r}; e.g. 0.95, not 95)",
+        )
         _check_kind(params.kind)
 
     def from_roc(self, roc: ROC) -> float:

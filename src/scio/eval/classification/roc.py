@@ -12,7 +12,7 @@ References:
 # ruff: noqa: N802  (property names N, P, FPR, TPRch... are part of the API)
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -90,11 +90,25 @@ class ROC:
     def __init__(self, labels: npt.ArrayLike, scores: npt.ArrayLike) -> None:
         labels_arr = np.asarray(labels).astype(bool).ravel()
         scores_arr = np.asarray(scores, dtype=np.float64).ravel()
-        check(labels_arr.shape == scores_arr.shape)
-        check(labels_arr.any())
-        check(not labels_arr.all())
-        check(not np.isnan(scores_arr).any())
-        check(not np.isneginf(scores_arr).any())
+        check(
+            labels_arr.shape == scores_arr.shape,
+            "`labels` and `scores` must have the same number of elements (got "
+            f"{labels_arr.size} labels and {scores_arr.size} scores)",
+        )
+        check(
+            labels_arr.any(),
+            f"`labels` must contain at least one positive (OoD, True) label (got {labels_arr.size}"
+            " negatives only)",
+        )
+        check(
+            not labels_arr.all(),
+            f"`labels` must contain at least one negative (InD, False) label (got {labels_arr.size}"
+            " positives only)",
+        )
+        n_nan = int(np.isnan(scores_arr).sum())
+        check(not n_nan, f"`scores` must not contain NaN (got {n_nan} NaN scores)")
+        n_neginf = int(np.isneginf(scores_arr).sum())
+        check(not n_neginf, f"`scores` must not contain -inf (got {n_neginf} -inf scores)")
 
         order = np.argsort(scores_arr, kind="stable")
         sorted_scores = scores_arr[order]
@@ -282,24 +296,19 @@ class ROC:
         ax.set_title("ROC curve")
         ax.set_xlabel("False Positive Rate")
         ax.set_ylabel("True Positive Rate")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-        line_kw: dict[str, Any] = {"clip_on": False}
+        ax.plot([0, 1], [0, 1], "--", color="black", lw=0.5)
+        # One colour for points, curve and hull, and matplotlib's default legend placement,
+        # so figures look like the reference's.
         ax.scatter(
-            self.FPR,
-            self.TPR,
-            s=7,
-            color="C0",
-            zorder=3,
-            label="$(FPR, TPR)$ Pareto front",
-            **line_kw,
+            self.FPR, self.TPR, sizes=(7,), color="tab:blue", label="$(FPR, TPR)$ Pareto front"
         )
         x, y = _pessimistic_path(self.FPR, self.TPR)
-        ax.step(x, y, where="post", color="C1", label="ROC (pessimistic)", **line_kw)
+        ax.step(x, y, where="post", lw=1.2, color="tab:blue", label="ROC (pessimistic)")
         xch, ych = np.append(self.FPRch, 1.0), np.append(self.TPRch, 1.0)
-        ax.fill_between(xch, ych, color="C2", alpha=0.15, label="ROC (convex hull)")
-        ax.plot(xch, ych, ":", color="C2", **line_kw)
+        ax.fill_between(xch, ych, alpha=0.15, color="tab:blue", label="ROC (convex hull)")
+        ax.plot(xch, ych, color="tab:blue", ls=":")
         if legend:
-            ax.legend(loc="lower right")
+            ax.legend()
 
 
 def _pessimistic_path(fpr: FloatArray, tpr: FloatArray) -> tuple[FloatArray, FloatArray]:
