@@ -152,9 +152,36 @@ class ConformalDetector:
         confs, classes, n_classes = self._conformities(
             piece for inputs, _ in batches for piece in _split(inputs, batch_size)
         )
-        if confs is None or classes is None or confs.shape[1] < MIN_HOLDOUT:
-            n = 0 if confs is None else confs.shape[1]
-            msg = f"`holdout` must hold at least {MIN_HOLDOUT} inputs (got {n})"
+        if confs is None or classes is None:
+            msg = f"`holdout` must hold at least {MIN_HOLDOUT} inputs (got 0)"
+            raise ValueError(msg)
+        return self.fit_conformities(confs, classes, n_classes)
+
+    def fit_conformities(
+        self, conformities: Tensor, classes: Tensor | None = None, n_classes: int | None = None
+    ) -> ConformalDetector:
+        """:meth:`fit` from precomputed holdout conformities (see :meth:`scored`).
+
+        Args:
+            conformities: ``(K, n)`` (or ``(n,)`` for one score) conformities at the
+                predicted class of the ``n`` holdout inputs, one row per score.
+            classes: ``(n,)`` predicted classes (needed in class-conditional mode).
+            n_classes: number of classes (default: ``classes.max() + 1``).
+        """
+        confs = conformities.reshape(len(self.scores), -1)
+        if classes is None:
+            if self.class_conditional:
+                msg = "`classes` (predicted classes) is needed in class-conditional mode"
+                raise ValueError(msg)
+            classes = torch.zeros(confs.shape[1], dtype=torch.int64, device=confs.device)
+        classes = classes.to(device=confs.device, dtype=torch.int64)
+        if classes.shape != (confs.shape[1],):
+            msg = f"`classes` must have shape ({confs.shape[1]},) (got {tuple(classes.shape)})"
+            raise ValueError(msg)
+        if n_classes is None:
+            n_classes = int(classes.max()) + 1 if len(classes) else 1
+        if confs.shape[1] < MIN_HOLDOUT:
+            msg = f"`holdout` must hold at least {MIN_HOLDOUT} inputs (got {confs.shape[1]})"
             raise ValueError(msg)
         n_nan = int(torch.isnan(confs).any(dim=0).sum())
         if n_nan:
@@ -226,8 +253,8 @@ class ConformalDetector:
         return alpha
 
     def scored(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """``(K, m)`` conformities at the predicted class and ``(m,)`` predicted classes."""
-        self._check_fit()
+        """``(K, m)`` conformities at the predicted class and ``(m,)`` predicted classes of
+        ``inputs`` (one forward; no fit needed), e.g. to reuse them across many holdouts."""
         confs, classes, _ = self._conformities([inputs])
         assert confs is not None and classes is not None  # one batch was given
         return confs, classes
