@@ -22,10 +22,12 @@ from scio.scores import BaseScoreClassif
 from scio.utils.misc import HEAVY_HEAD_ROUNDED_BOTTOM
 
 __all__ = [
+    "DECISION_ALPHA",
     "DEFAULT_SCORES",
     "METRIC_NAMES",
     "SCORE_FACTORIES",
     "BenchResult",
+    "conformal_decisions",
     "run_benchmark",
     "summary_table",
     "write_outputs",
@@ -63,6 +65,7 @@ SCORE_FACTORIES: dict[str, ScoreSpec] = {
 DEFAULT_SCORES: tuple[str, ...] = tuple(SCORE_FACTORIES)
 
 METRIC_NAMES = ("AUROC", "FPR@95TPR", "AUPR-In", "AUPR-Out")
+DECISION_ALPHA = 0.05  # guaranteed false-alarm rate of the conformal decisions (scio.decision)
 _METRICS = (AUC(), FPR(tpr=0.95), AUPR(positive="ind"), AUPR(positive="ood"))
 
 
@@ -85,6 +88,9 @@ class BenchResult:
     confs_ind: np.ndarray | None = None
     confs_oods: tuple[np.ndarray, ...] = ()
     joint_s: float = math.nan  # wall time of the joint inference of every score
+    # (n_scores, 1 + n_oods): measured InD rejection rate, then OoD detection rate per set,
+    # of conformal decisions at a guaranteed DECISION_ALPHA false-alarm rate
+    decisions: np.ndarray | None = None
 
     def overhead(self, i: int) -> float:
         """Cost of score ``i`` relative to a plain forward pass: ``(forward + own) /
@@ -111,7 +117,38 @@ class BenchResult:
                             "overhead": self.overhead(i),
                         }
                     )
+                if self.decisions is not None:  # OoD detection rate at DECISION_ALPHA
+                    rows.append(dict(rows[-1], metric="DR@5%FA", value=self.decisions[i, 1 + j]))
         return rows
+
+
+def conformal_decisions(
+    confs_ind: np.ndarray,
+    confs_oods: Sequence[np.ndarray],
+    alpha: float = DECISION_ALPHA,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """Conformal decisions (:mod:`scio.decision`) at a guaranteed false-alarm rate ``alpha``.
+
+    A seeded random half of the InD test conformities is the holdout, the other half
+    measures the InD rejection rate. Returns ``(n_scores, 1 + n_oods)``: the InD rejection
+    rate, then the fraction of each OoD set flagged (NaN for a score with NaN conformities).
+    """
+    from scio.decision.pvalues import conformal_p_values, sorted_holdout
+
+    result = np.full((len(confs_ind), 1 + len(confs_oods)), math.nan)
+    perm = np.random.default_rng(seed).permutation(confs_ind.shape[1] if confs_ind.size else 0)
+    holdout, test = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+    for i, row in enumerate(confs_ind):
+        sets = [row[test], *(ood[i] for ood in confs_oods)]
+        if np.isnan(row).any() or any(np.isnan(s).any() for s in sets) or len(holdout) < 1:
+            continue
+        prepared = sorted_holdout(torch.from_numpy(row[holdout]))
+        for j, conf in enumerate(sets):
+            p = conformal_p_values(prepared, torch.from_numpy(np.ascontiguousarray(conf)))
+            result[i, j] = float((p <= alpha).double().mean())
+    return result
 
 
 def _forward_time(net: torch.nn.Module, sets: Sequence[torch.Tensor], batch_size: int) -> float:
@@ -200,6 +237,7 @@ def run_benchmark(
     joint_s = time.perf_counter() - start
     infer_s = [sum(s.duration for s in score.timer.inference) for score in fitted]
     evals = compute_metrics(confs_ind, confs_oods, _METRICS)
+    decisions = conformal_decisions(confs_ind, confs_oods, DECISION_ALPHA, seed=seed)
     result = BenchResult(
         protocol=protocol,
         description=proto.description,
@@ -216,6 +254,7 @@ def run_benchmark(
         confs_ind=confs_ind,
         confs_oods=confs_oods,
         joint_s=joint_s,
+        decisions=decisions,
     )
     console.print(summary_table(result))
     for name, reason in skipped.items():
@@ -244,6 +283,7 @@ def summary_table(result: BenchResult) -> Table:
     table.add_column("Fit (s)", justify="right")
     table.add_column("Inference (s)", justify="right")
     table.add_column("Overhead", justify="right")
+    table.add_column("α=5 % decisions\nInD rej. / OoD det.", justify="center")
     best = np.nanmax(result.evals[:, :, 0], axis=0) if len(result.names) else []
     for i, name in enumerate(result.names):
         cells = []
@@ -259,6 +299,7 @@ def summary_table(result: BenchResult) -> Table:
             f"{result.fit_s[i]:.2f}",
             f"{result.infer_s[i]:.2f}",
             f"{result.overhead(i):.2f}×",
+            _decision_cell(result, i),
         )
     table.caption = (
         f"{result.n_calib} calibration inputs; inference over {result.n_infer} inputs; plain "
@@ -266,6 +307,13 @@ def summary_table(result: BenchResult) -> Table:
         "Overhead = (forward + the score's own inference work) / forward."
     )
     return table
+
+
+def _decision_cell(result: BenchResult, i: int) -> str:
+    if result.decisions is None:
+        return "–"
+    row = result.decisions[i]
+    return f"{_fmt(row[0])} / {_fmt(float(np.mean(row[1:])))}"
 
 
 def _markdown(result: BenchResult, command: str) -> str:
@@ -317,6 +365,20 @@ def _markdown(result: BenchResult, command: str) -> str:
             f"| {name} | {result.fit_s[i]:.2f} | {result.infer_s[i]:.2f} | "
             f"{result.overhead(i):.2f}× |"
         )
+    if result.decisions is not None:
+        lines += [
+            "",
+            f"Decisions at a guaranteed {DECISION_ALPHA:.0%} false-alarm rate (conformal "
+            "p-values, `scio.decision`; holdout = a random half of the InD test set): "
+            "measured InD rejection rate on the other half, and fraction of each OoD set "
+            "flagged:",
+            "",
+            "| score | InD rejected | " + " | ".join(result.oods_title) + " |",
+            "|---|---:|" + "---:|" * len(result.oods_title),
+        ]
+        for i, name in enumerate(result.names):
+            decided = " | ".join(_fmt(v) for v in result.decisions[i])
+            lines.append(f"| {name} | {decided} |")
     if result.skipped:
         lines += ["", "Skipped:", ""]
         lines += [f"- {name}: {reason}" for name, reason in result.skipped.items()]
