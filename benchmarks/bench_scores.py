@@ -74,6 +74,11 @@ def _registry() -> dict[str, tuple[Callable[[], Any], tuple[tuple[int, int], ...
             lambda: scores.JTLA(test={"type": "multinomial", "mode": "mle", "k": k}),
             (BLOCK3, FEATURES),
         ),
+        "ViM": (lambda: scores.ViM(), (FEATURES,)),
+        "NNGuide": (lambda: scores.NNGuide(), (FEATURES,)),
+        "fDBD": (lambda: scores.fDBD(), (FEATURES,)),
+        "NCI": (lambda: scores.NCI(), (FEATURES,)),
+        "SHE": (lambda: scores.SHE(), (FEATURES,)),
     }
 
 

@@ -61,6 +61,11 @@ SCORE_FACTORIES: dict[str, ScoreSpec] = {
         lambda: S.JTLA(test={"type": "multinomial", "mode": "mle", "k": 50}),
         (MID, FEATURES),
     ),
+    "ViM": (S.ViM, (FEATURES,)),
+    "NNGuide": (S.NNGuide, (FEATURES,)),
+    "fDBD": (S.fDBD, (FEATURES,)),
+    "NCI": (S.NCI, (FEATURES,)),
+    "SHE": (S.SHE, (FEATURES,)),
 }
 DEFAULT_SCORES: tuple[str, ...] = tuple(SCORE_FACTORIES)
 
