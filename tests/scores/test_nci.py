@@ -78,5 +78,8 @@ def test_nci_hand_made_and_alpha_keeps_fit() -> None:
     score = NCI().fit(rnet, calib)
     score.alpha = 0.1  # inference-only parameter: the score stays fit
     assert score.is_fit
+    score.alpha = -0.5
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0 \(got -0.5\)"):
+        score(calib)
     with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0 \(got -1\)"):
         NCI(alpha=-1).fit(rnet, calib)

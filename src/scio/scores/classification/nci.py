@@ -55,6 +55,7 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     Args:
         alpha: weight of the L1-norm filter, ``α ≥ 0`` (default 0: the proximity alone).
+            Used at inference only: changing it keeps the score fit.
         head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
 
     Cost: calibration is a float64 running sum of the features (``O(d)`` memory).
@@ -68,6 +69,9 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
+        self._check_alpha()
+
+    def _check_alpha(self) -> None:
         alpha = self.alpha
         if not (isinstance(alpha, int | float) and 0 <= alpha < math.inf):
             msg = f"`alpha` must be a finite number >= 0 (got {alpha!r})"
@@ -87,6 +91,7 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
         self.center: Tensor = self._state.sum("sum") / self._state.sum("count")
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_alpha()  # changing `alpha` keeps the score fit: checked here too
         out, features = self.head_forward(inputs)
         conformity = nci_conformity(out, features, self.head_weight, self.center, self.alpha)
         return out, conformity.to(out.dtype)

@@ -73,7 +73,8 @@ class NNGuide(HeadMixin, StreamingCalibration, BaseScoreClassif):
             (the paper subsamples the training set for large sets, e.g. ImageNet; default 1:
             the whole calibration set). The subsample is systematic, evenly spaced in
             calibration order (see :func:`nnguide_keep`), so it does not depend on batching;
-            shuffle the calibration data for a random subsample.
+            shuffle the calibration data for a random subsample. In a distributed fit the
+            positions are counted on each rank (each shard is subsampled on its own).
         head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
 
     Cost: calibration keeps the ``(⌊N f⌋, d)`` bank (float32, float64 for float64 inputs),
