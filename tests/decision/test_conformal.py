@@ -305,3 +305,52 @@ def test_load_checks(tmp_path: Path) -> None:
         ConformalDetector.load(path, other)
     with pytest.raises(ValueError, match="one network or 1 networks"):
         ConformalDetector.load(path, [net, net])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_network_dtypes(dtype: torch.dtype) -> None:
+    net = make_net(dtype=dtype)
+    calib = _inputs(30, 0).to(dtype)
+    score = Energy().fit(Recorder(net, input_data=calib[:1]), calib)
+    holdout, test = _inputs(60, 21).to(dtype), _inputs(20, 22).to(dtype)
+    det = ConformalDetector(score).fit(holdout)
+    p = det.p_values(test)
+    assert p.dtype == torch.float64
+    ref = naive_p(
+        _predicted_conformity(score, holdout).tolist(), _predicted_conformity(score, test).tolist()
+    )
+    assert p.tolist() == ref
+    assert torch.equal(
+        det.predict(test, 0.2), _predicted_conformity(score, test) < det.threshold(0.2)[0]
+    )
+
+
+def test_fit_from_precomputed_conformities() -> None:
+    net = make_net(seed=1)
+    score = _softmax(net)
+    det = ConformalDetector(score, class_conditional=True)
+    holdout, test = 3 * _inputs(600, 23), 3 * _inputs(50, 24)
+    confs, classes = det.scored(holdout)  # no fit needed to score
+    assert confs.shape == (1, 600) and classes.shape == (600,)
+    direct = ConformalDetector(score, class_conditional=True).fit(holdout)
+    det.fit_conformities(confs, classes, 3)
+    assert torch.equal(det.p_values(test), direct.p_values(test))
+    t_confs, t_classes = det.scored(test)
+    assert torch.equal(det.p_values_from(t_confs, t_classes), direct.p_values(test))
+    with pytest.raises(ValueError, match="`classes` \\(predicted classes\\) is needed"):
+        ConformalDetector(score, class_conditional=True).fit_conformities(confs)
+    with pytest.raises(ValueError, match="`classes` \\(predicted classes\\) is needed"):
+        det.p_values_from(t_confs)
+    with pytest.raises(ValueError, match=r"`classes` must have shape \(600,\) \(got \(5,\)\)"):
+        ConformalDetector(score).fit_conformities(confs, classes[:5])
+    marginal = ConformalDetector(score).fit_conformities(confs[0])
+    assert marginal.n_holdout == 600
+
+
+def test_nan_test_conformities_are_counted() -> None:
+    net = make_net()
+    det = ConformalDetector(_softmax(net)).fit(_inputs(30, 25))
+    test = _inputs(6, 26)
+    test[[1, 4]] = math.nan
+    with pytest.raises(ValueError, match="2 NaN conformities out of 6"):
+        det.p_values(test)
