@@ -64,9 +64,10 @@ class BaseScore(ParamClass):
     #: or tuples/lists/dicts of those.
     _fitted_attrs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, *post_init: Any, **params: Any) -> None:
+        # positional arguments go to ``__post_init__``, as with the reference's paramclasses
         self._is_fit = False
-        super().__init__(**params)
+        super().__init__(*post_init, **params)
 
     # -- contract ---------------------------------------------------------------------------
     @abstractmethod

@@ -2,16 +2,32 @@
 
 Parameters are the annotated, public class attributes of a :class:`ParamClass` subclass
 (in declaration order across the MRO, base classes first). An annotation without a value
-declares a *required* parameter, shown as ``?`` until set. Instances are built from keyword
-arguments only; :meth:`ParamClass._on_param_will_be_set` runs before every assignment, so a
-subclass can e.g. invalidate fitted state when a hyper-parameter changes.
+declares a *required* parameter, shown as ``?`` until set. Parameters are given as keyword
+arguments; as with the reference's paramclasses, a class defining ``__post_init__`` also takes
+``post_init_args`` (an iterable, when ``__post_init__`` accepts positional arguments) and/or
+``post_init_kwargs`` (a mapping, when it accepts keyword arguments) positionally, and
+``__post_init__(*post_init_args, **post_init_kwargs)`` runs once the parameters are set.
+:meth:`ParamClass._on_param_will_be_set` runs before every assignment, so a subclass can e.g.
+invalidate fitted state when a hyper-parameter changes.
+
+Every assigned value is checked against the parameter's annotation (builtin types, unions,
+``Literal`` and enums; other annotations are not checked), so ``KNN(k="5")`` or
+``Softmax(mode="bogus")`` fail at construction or :meth:`~ParamClass.set_params`, not later.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import enum
 import inspect
+import numbers
+import sys
+import types
+import typing
 from abc import ABCMeta
 from typing import Any, ClassVar, Final
+
+import numpy as np
 
 __all__ = ["MISSING", "ParamClass"]
 
@@ -43,6 +59,72 @@ def _is_param_annotation(name: str, annotation: object) -> bool:
     return "ClassVar" not in text
 
 
+_UNCHECKED = object()  # an annotation that is not checked
+
+
+def _resolve(klass: type, annotation: object) -> object:
+    """The annotation object (strings evaluated in the defining module), or ``_UNCHECKED``."""
+    if not isinstance(annotation, str):
+        return annotation
+    module = sys.modules.get(klass.__module__)
+    namespace = dict(vars(module)) if module is not None else {}
+    namespace.setdefault("typing", typing)
+    try:
+        return eval(annotation, namespace, dict(vars(klass)))  # the classes' own annotations
+    except Exception:  # names only imported for type checking: not checked
+        return _UNCHECKED
+
+
+def _accepts(annotation: object, value: Any) -> bool | None:
+    """Whether ``value`` fits ``annotation`` (``None``: annotation not checked)."""
+    if annotation is _UNCHECKED or annotation is Any or annotation is typing.Any:
+        return None
+    alias_type = getattr(typing, "TypeAliasType", None)  # ``type X = ...`` (Python >= 3.12)
+    if alias_type is not None and isinstance(annotation, alias_type):
+        return _accepts(annotation.__value__, value)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(arg, value) for arg in typing.get_args(annotation)]
+        if any(v is None for v in verdicts):
+            return None
+        return any(verdicts)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is not bool for arg in typing.get_args(annotation))
+    if annotation is None or annotation is type(None):
+        return value is None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            annotation(value)
+        except ValueError:
+            return False
+        return True
+    if annotation is bool:
+        return isinstance(value, bool | np.bool_)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is collections.abc.Callable or annotation is collections.abc.Callable:
+        return callable(value)
+    target = origin if origin is not None else annotation
+    if isinstance(target, type):
+        if typing.is_typeddict(target) or target is dict:
+            return isinstance(value, collections.abc.Mapping)
+        try:
+            return isinstance(value, target)
+        except TypeError:
+            return None
+    return None
+
+
+def _describe(annotation: object) -> str:
+    if isinstance(annotation, type):
+        return annotation.__qualname__
+    return str(annotation).replace("typing.", "")
+
+
 class _ParamMeta(ABCMeta):
     """Collects parameter names, in MRO declaration order, at class creation."""
 
@@ -57,6 +139,7 @@ class _ParamMeta(ABCMeta):
                 if _is_param_annotation(attr, annotation) and attr not in names:
                     names.append(attr)
         cls._param_names = tuple(names)  # type: ignore[attr-defined]
+        cls._param_annotations = None  # type: ignore[attr-defined]  # resolved on first use
         return cls
 
 
@@ -68,7 +151,7 @@ class ParamClass(metaclass=_ParamMeta):
     #: they differ from their default, so reprs of reference configurations are unchanged.
     _extension_params: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, *post_init: Any, **params: Any) -> None:
         unknown = [name for name in params if name not in self._param_names]
         if unknown:
             msg = (
@@ -76,8 +159,93 @@ class ParamClass(metaclass=_ParamMeta):
                 f"valid parameters are {list(self._param_names)}"
             )
             raise TypeError(msg)
+        args, kwargs = self._post_init_arguments(post_init)
         for name, value in params.items():
             setattr(self, name, value)
+        post_init_method = getattr(self, "__post_init__", None)
+        if post_init_method is not None:
+            post_init_method(*args, **kwargs)
+
+    @classmethod
+    def _post_init_arguments(cls, given: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Split ``(post_init_args, post_init_kwargs)`` as paramclasses' signature does."""
+        method = getattr(cls, "__post_init__", None)
+        slots: list[str] = []
+        if method is not None:
+            signature = inspect.signature(method)
+            kinds = [p.kind for p in list(signature.parameters.values())[1:]]
+            P = inspect.Parameter
+            if any(
+                k in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD, P.VAR_POSITIONAL) for k in kinds
+            ):
+                slots.append("post_init_args")
+            if any(k in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY, P.VAR_KEYWORD) for k in kinds):
+                slots.append("post_init_kwargs")
+        if len(given) > len(slots):
+            accepted = f"only {' and '.join(f'`{s}`' for s in slots)}" if slots else "none"
+            msg = (
+                f"{cls.__name__}() takes parameters as keyword arguments; positional arguments "
+                f"are passed to __post_init__ ({accepted} accepted), got {len(given)}: {given!r}"
+            )
+            raise TypeError(msg)
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = {}
+        for slot, value in zip(slots, given):
+            if slot == "post_init_args":
+                if isinstance(value, collections.abc.Mapping | str) or not isinstance(
+                    value, collections.abc.Iterable
+                ):
+                    msg = (
+                        f"`post_init_args` of {cls.__name__} must be a non-mapping iterable of "
+                        f"positional arguments for __post_init__ (got {value!r})"
+                    )
+                    raise TypeError(msg)
+                args = tuple(value)
+            else:
+                if not isinstance(value, collections.abc.Mapping):
+                    msg = (
+                        f"`post_init_kwargs` of {cls.__name__} must be a mapping of keyword "
+                        f"arguments for __post_init__ (got {value!r})"
+                    )
+                    raise TypeError(msg)
+                kwargs = dict(value)
+        return args, kwargs
+
+    @classmethod
+    def _annotation_of(cls, name: str) -> object:
+        annotations = cls.__dict__.get("_param_annotations")
+        if annotations is None:
+            annotations = {}
+            for klass in reversed(cls.__mro__):
+                for attr, annotation in inspect.get_annotations(klass).items():
+                    if attr in cls._param_names:
+                        annotations[attr] = _resolve(klass, annotation)
+            cls._param_annotations = annotations  # type: ignore[attr-defined]
+        return annotations.get(name, _UNCHECKED)
+
+    def _check_param_value(self, name: str, value: Any) -> None:
+        """Raise if ``value`` does not fit the annotation of parameter ``name``."""
+        if value is MISSING:
+            return
+        annotation = type(self)._annotation_of(name)
+        if _accepts(annotation, value) is not False:
+            return
+        enums = [
+            arg
+            for arg in (typing.get_args(annotation) or (annotation,))
+            if isinstance(arg, type) and issubclass(arg, enum.Enum)
+        ]
+        if enums and isinstance(value, str):
+            try:
+                enums[0](value)
+            except ValueError as exc:
+                msg = f"Invalid value for parameter `{name}` of {type(self).__name__}: {exc}"
+                raise ValueError(msg) from None
+        msg = (
+            f"Parameter `{name}` of {type(self).__name__} must be {_describe(annotation)} "
+            f"(got {value!r} of type {type(value).__name__})"
+        )
+        raise TypeError(msg)
 
     # -- parameters -------------------------------------------------------------------------
     @classmethod
@@ -98,11 +266,15 @@ class ParamClass(metaclass=_ParamMeta):
         return tuple(name for name, value in self.params.items() if value is MISSING)
 
     def set_params(self, **params: Any) -> None:
-        """Set several parameters; unknown names raise ``AttributeError``."""
+        """Set several parameters; unknown names raise ``AttributeError``, values that do not
+        fit the annotation ``TypeError`` (or ``ValueError`` for an enum value), before any is
+        set."""
         for name in params:
             if name not in self._param_names:
                 msg = f"{name!r} is not a parameter of {type(self).__name__}"
                 raise AttributeError(msg)
+        for name, value in params.items():
+            self._check_param_value(name, value)
         for name, value in params.items():
             setattr(self, name, value)
 
@@ -111,6 +283,7 @@ class ParamClass(metaclass=_ParamMeta):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._param_names:
+            self._check_param_value(name, value)
             self._on_param_will_be_set(name, value)
         super().__setattr__(name, value)
 
