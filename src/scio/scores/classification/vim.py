@@ -96,7 +96,8 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
     pass of running sums, so ``mean_i r(x_i)`` is replaced by the root-mean-square residual
     ``sqrt(mean_i r(x_i)²) = sqrt(Σ_{j > D} λ_j(M))``, exact from ``M``: in high dimension
     residual norms concentrate and the two differ by ``sqrt(1 + cv²)`` (``cv`` the
-    coefficient of variation of ``r``, typically well under 1 %). No feature is kept.
+    coefficient of variation of ``r``; 1.019 on the ``scio bench`` model, ``d = 128``, so
+    ``α`` is 1.9 % below the paper's). No feature is kept.
 
     Args:
         dim: ``D``, size of the principal space, ``0 < D < d``. ``None``: the paper's rule
