@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from scio import scores
 from scio.recorder import Recorder
 from scio.scores import BaseScore, fit_jointly
 from scio.scores.distributed import DistributedMismatchError
 from scio.scores.utils import Index
-from tests.catalogue import BY_NAME, CATALOGUE
+from tests.catalogue import BY_NAME, CATALOGUE, FEAT, MAPS, Entry
 from tests.conftest import make_net
 from tests.distributed._launch import run_ranks
 
@@ -24,9 +25,16 @@ BITWISE = frozenset(
     {
         "Softmax", "BaselineClassif", "Logit", "Energy", "JointEnergy", "ODIN", "ReAct",
         "IsoMax", "GradNorm", "GradNorm-conv", "KNN", "LID", "Trust", "DkNN",
-        "FeatureSqueezing", "Gram", "JTLA",
+        "FeatureSqueezing", "Gram", "JTLA", "KNN-bank", "DkNN-bank",
     }
 )  # fmt: skip
+#: Scale extensions: the subsample is drawn on the merged bank, so it is shard-independent.
+EXTRA = (
+    Entry(
+        "KNN-bank", lambda: scores.KNN(k=3, bank_fraction=0.5, bank_dtype="float16"), (MAPS, FEAT)
+    ),
+    Entry("DkNN-bank", lambda: scores.DkNN(k=2, bank_fraction=0.6, per_class=True), (FEAT,), True),
+)
 #: Hyper-parameters making calibration deterministic (Odds draws calibration noise).
 DETERMINISTIC = {"Odds": {"epsilon": 0.0}}
 #: Fitted attributes that are per-rank by design: Odds' noise generator state after the
@@ -95,7 +103,7 @@ def _catalogue_worker(rank: int) -> dict[str, str]:
     for scenario, shards in SCENARIOS.items():
         union = [b for start, stop in shards for b in _batches(x, y, start, stop)]
         mine = _batches(x, y, *shards[rank])
-        for entry in CATALOGUE:
+        for entry in (*CATALOGUE, *EXTRA):
             net = make_net()
             params = DETERMINISTIC.get(entry.name, {})
             try:
@@ -120,7 +128,7 @@ def test_every_algorithm_matches_single_process_fit(tmp_path: Path) -> None:
         assert status == "ok", f"rank {rank}: {value}"
         failures = {key: msg for key, msg in value.items() if msg != "ok"}
         assert not failures, f"rank {rank}: {failures}"
-        assert len(value) == len(SCENARIOS) * len(CATALOGUE)
+        assert len(value) == len(SCENARIOS) * (len(CATALOGUE) + len(EXTRA))
 
 
 def _joint_worker(rank: int) -> list[Tensor]:

@@ -35,6 +35,7 @@ every entry of the test catalogue, 2 gloo processes, uneven shards and an empty 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -201,21 +202,25 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_WIRE_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8)
+
+
 def _as_wire(t: Tensor) -> Tensor:
-    """Bit-exact representation of ``t`` that every backend can move."""
+    """Bit-exact representation of ``t`` that every backend can move (raw bytes for the
+    dtypes a backend may lack: bool, half precision, small integers)."""
+    if t.dtype in _WIRE_DTYPES:
+        return t
     if t.dtype == torch.bool:
         return t.to(torch.uint8)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return t.view(torch.int16)
-    return t
+    return t.reshape(len(t), math.prod(t.shape[1:])).view(torch.uint8)
 
 
-def _from_wire(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _from_wire(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    if dtype in _WIRE_DTYPES:
+        return t
     if dtype == torch.bool:
         return t.to(torch.bool)
-    if dtype in (torch.float16, torch.bfloat16):
-        return t.view(dtype)
-    return t
+    return t.view(dtype).reshape(len(t), *shape)
 
 
 def _gather_cat(local: Tensor, group: Any, comm: torch.device) -> Tensor:
@@ -233,7 +238,7 @@ def _gather_cat(local: Tensor, group: Any, comm: torch.device) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
     merged = torch.cat([g[:count] for g, count in zip(gathered, counts, strict=True)])
-    return _from_wire(merged, dtype).to(device)
+    return _from_wire(merged, dtype, tuple(local.shape[1:])).to(device)
 
 
 def _all_sum(local: Tensor, group: Any, comm: torch.device) -> Tensor:

@@ -87,6 +87,20 @@ def _snapshot(params: dict[str, Any]) -> MappingProxyType[str, Any]:
     return MappingProxyType(snap)
 
 
+def _reported_params(target: Any) -> dict[str, Any]:
+    """Parameters of ``target`` for the reports: extension parameters (scio additions, see
+    ``ParamClass._extension_params``) only when they differ from their default."""
+    params = dict(target.params)
+    for name in getattr(type(target), "_extension_params", ()):
+        value, default = params.get(name), type(target)._default(name)
+        try:
+            if bool(value == default) and type(value) is type(default):
+                params.pop(name)
+        except Exception:  # values without a boolean equality (tensors) are reported
+            continue
+    return params
+
+
 class _Pending:
     """Mutable handle yielded by :meth:`ScoreTimer.__call__` (sample count may change)."""
 
@@ -142,7 +156,7 @@ class ScoreTimer:
             )
             raise AttributeError(msg)
         operation = ScoreTimerOperation(op)
-        params = _snapshot(target.params)
+        params = _snapshot(_reported_params(target))
         del target
         pending = _Pending(int(n_samples))
         start = perf_counter()

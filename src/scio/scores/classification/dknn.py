@@ -7,10 +7,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
+from scio.scores.base import ParamError, StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
+from scio.scores.utils.index import (
+    IndexBackend,
+    bank_rows,
+    bank_size,
+    check_bank_params,
+    to_bank_dtype,
+)
 from scio.utils.enums import AggrNameLike, IndexMetricLike
 from scio.utils.misc import check
 
@@ -45,6 +52,13 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         per_layer: one p-value per layer, aggregated with ``aggregation``.
         aggregation: name (see :func:`scio.scores.utils.get_aggregator`) or norm order.
         index_metric: ``"l2"`` (squared Euclidean) or ``"ip"`` (inner product).
+        bank_fraction: extension: fraction ``α ∈ (0, 1]`` of the calibration samples kept in
+            the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
+        bank_seed: extension: seed of the bank subsample.
+        bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
+            the features' dtype); half-precision banks are searched with float32 accumulation.
+        index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
+            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
 
     Cost: no extra forward pass; calibration keeps the features of every recorded layer
     (one exact index per layer on the data's device) and, with ``per_class`` or
@@ -57,6 +71,12 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
     per_layer: bool = False
     aggregation: AggrNameLike | float = "mean"
     index_metric: IndexMetricLike = "l2"
+    bank_fraction: float = 1.0
+    bank_seed: int = 0
+    bank_dtype: str | None = None
+    index_backend: IndexBackend = "torch"
+
+    _extension_params = frozenset({"bank_fraction", "bank_seed", "bank_dtype", "index_backend"})
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = (
         "indexes",
@@ -70,6 +90,14 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)
         get_aggregator(self.aggregation)  # unsupported name: the enum's ValueError
+        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
+        kept = bank_size(n_calib, self.bank_fraction)
+        if self.k > kept:
+            msg = (
+                f"`k` must not exceed the {kept} samples kept in the bank "
+                f"(⌈bank_fraction · n_calib⌉ = ⌈{self.bank_fraction} · {n_calib}⌉; got k={self.k})"
+            )
+            raise ParamError(msg)
 
     @property
     def _uses_p_values(self) -> bool:
@@ -79,7 +107,8 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         n_classes = batch.out.shape[1]
         labels = validate_labels(batch.labels, len(batch), n_classes)
         for layer, feats in enumerate(self.normalize(batch.activations)):
-            self._state.append(f"features{layer}", feats.reshape(len(feats), -1))
+            flat = to_bank_dtype(feats.reshape(len(feats), -1), self.bank_dtype)
+            self._state.append(f"features{layer}", flat)
         self._state.append("labels", labels.to(batch.out.device))
         self._n_classes = n_classes
 
@@ -90,9 +119,15 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
             n_layers += 1
         features = tuple(state.cat(f"features{layer}") for layer in range(n_layers))
         labels = state.cat("labels")
+        rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
+        if rows is not None:
+            features = tuple(feats[rows.to(feats.device)] for feats in features)
+            labels = labels[rows]
         self.n_classes: int = self.__dict__.pop("_n_classes")
         self.labels: Tensor = labels
-        self.indexes: tuple[Index, ...] = make_indexes(features, metric=self.index_metric)
+        self.indexes: tuple[Index, ...] = make_indexes(
+            features, metric=self.index_metric, backend=self.index_backend
+        )
         self.calib_sorted: Tensor | None = None
         self.class_counts: Tensor | None = None
         if not self._uses_p_values:

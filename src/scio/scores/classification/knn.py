@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
+from scio.scores.base import ParamError, StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import Index, make_indexes
+from scio.scores.utils.index import (
+    IndexBackend,
+    bank_rows,
+    bank_size,
+    check_bank_params,
+    to_bank_dtype,
+)
 from scio.utils.enums import IndexMetric, IndexMetricLike
 from scio.utils.misc import check
 
@@ -31,6 +38,13 @@ class KNN(StreamingCalibration, BaseScoreClassif):
             as a rule of thumb and the penultimate layer).
         act_norm: feature normalisation order (default 2.0).
         index_metric: ``"l2"`` (squared Euclidean) or ``"ip"`` (inner product).
+        bank_fraction: extension: fraction ``α ∈ (0, 1]`` of the calibration samples kept in
+            the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
+        bank_seed: extension: seed of the bank subsample.
+        bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
+            the features' dtype); half-precision banks are searched with float32 accumulation.
+        index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
+            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
 
     Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features; inference
     is one exact tiled ``(n, d) x (d, n_calib)`` search on the data's device.
@@ -39,19 +53,36 @@ class KNN(StreamingCalibration, BaseScoreClassif):
     k: int
     act_norm: float | None = 2.0
     index_metric: IndexMetricLike = "l2"
+    bank_fraction: float = 1.0
+    bank_seed: int = 0
+    bank_dtype: str | None = None
+    index_backend: IndexBackend = "torch"
+
+    _extension_params = frozenset({"bank_fraction", "bank_seed", "bank_dtype", "index_backend"})
 
     _fitted_attrs = ("index",)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)
+        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
+        kept = bank_size(n_calib, self.bank_fraction)
+        if self.k > kept:
+            msg = (
+                f"`k` must not exceed the {kept} samples kept in the bank "
+                f"(⌈bank_fraction · n_calib⌉ = ⌈{self.bank_fraction} · {n_calib}⌉; got k={self.k})"
+            )
+            raise ParamError(msg)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         (features,) = self.normalize(batch.activations, concatenate=True)
-        self._state.append("features", features)
+        self._state.append("features", to_bank_dtype(features, self.bank_dtype))
 
     def _calib_end(self) -> None:
-        self.index: Index = make_indexes(self._state.cat("features"), metric=self.index_metric)
+        features = self._state.cat("features")
+        rows = bank_rows(len(features), self.bank_fraction, self.bank_seed, features.device)
+        bank = features if rows is None else features[rows]
+        self.index: Index = make_indexes(bank, metric=self.index_metric, backend=self.index_backend)
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs)

@@ -12,6 +12,12 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import make_indexes
+from scio.scores.utils.index import (
+    IndexBackend,
+    bank_rows,
+    check_bank_params,
+    to_bank_dtype,
+)
 from scio.utils.misc import check
 
 __all__ = ["Trust"]
@@ -38,6 +44,14 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         k: neighbour rank of the density estimate (``0 < k <= n_calib``). When a class has
             ``<= k`` points every density estimate is infinite and the ``int(alpha · n_c)``
             removed points are the first ones of the class (ties kept in calibration order).
+        bank_fraction: extension: fraction ``α ∈ (0, 1]`` of the calibration samples kept in
+            the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
+        bank_seed: extension: seed of the bank subsample.
+        bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
+            the features' dtype); half-precision banks are searched with float32 accumulation.
+        index_backend: extension, for the per-class density searches: ``"torch"`` (exact,
+            default), ``"faiss"`` (exact) or the approximate ``"faiss-ivf"`` /
+            ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
 
     Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features and runs
     one self-search per class when ``alpha > 0``; inference is one tiled ``(n, d) x (d,
@@ -47,6 +61,12 @@ class Trust(StreamingCalibration, BaseScoreClassif):
 
     alpha: float
     k: int = 10
+    bank_fraction: float = 1.0
+    bank_seed: int = 0
+    bank_dtype: str | None = None
+    index_backend: IndexBackend = "torch"
+
+    _extension_params = frozenset({"bank_fraction", "bank_seed", "bank_dtype", "index_backend"})
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = ("kept_features", "kept_labels", "n_classes")
 
@@ -57,21 +77,27 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         super()._check_params(n_calib)
         check(0 <= self.alpha < 1)
         check(0 < self.k <= n_calib)
+        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         n_classes = batch.out.shape[1]
         labels = validate_labels(batch.labels, len(batch), n_classes)
         (features,) = self.normalize(batch.activations, concatenate=True)
-        self._state.append("features", features)
+        self._state.append("features", to_bank_dtype(features, self.bank_dtype))
         self._state.append("labels", labels.to(features.device))
         self._n_classes = n_classes
 
     def _calib_end(self) -> None:
         features, labels = self._state.cat("features"), self._state.cat("labels")
+        rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
+        if rows is not None:
+            features, labels = features[rows], labels[rows]
         n_classes = self.__dict__.pop("_n_classes")
         keep = torch.ones(len(features), dtype=torch.bool, device=features.device)
         if self.alpha > 0:
-            per_class = make_indexes(features, labels, n_groups=n_classes, metric="l2")
+            per_class = make_indexes(
+                features, labels, n_groups=n_classes, metric="l2", backend=self.index_backend
+            )
             for label, index in enumerate(per_class):  # calibration only: one search per class
                 n_remove = int(self.alpha * index.ntotal)
                 if n_remove == 0:

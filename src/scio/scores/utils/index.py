@@ -5,6 +5,14 @@ samples and searches run there (tiled matrix products + ``topk``), so a GPU user
 GPU → CPU → GPU round trip. ``faiss`` (``pip install scio[faiss]``) is an optional backend with
 the same semantics, selected with ``backend="faiss"``.
 
+Approximate backends (selected explicitly, faiss extra): ``"faiss-ivf"`` (``IndexIVFFlat``:
+k-means coarse quantiser trained on the first added samples, ``nlist`` lists, ``nprobe``
+visited per query; Jégou et al., "Product quantization for nearest neighbor search", TPAMI
+2011) and ``"faiss-hnsw"`` (``IndexHNSWFlat``; Malkov & Yashunin, "Efficient and robust
+approximate nearest neighbor search using Hierarchical Navigable Small World graphs", TPAMI
+2018). They return true distances of possibly non-nearest neighbours; measure the loss with
+:func:`recall_at_k` against the exact index. They do not support ``remove_ids``.
+
 Semantics shared by both backends (they are faiss' ``IndexFlatL2`` / ``IndexFlatIP``):
 
 * ``D`` is the **squared** L2 distance sorted ascending (``"l2"``) or the inner product sorted
@@ -32,12 +40,21 @@ from torch import Tensor
 
 from scio.utils.enums import IndexMetric, IndexMetricLike
 
-__all__ = ["FLT_MAX", "Index", "IndexBackend", "IndexNest", "IndexType", "make_indexes"]
+__all__ = [
+    "FLT_MAX",
+    "Index",
+    "IndexBackend",
+    "IndexNest",
+    "IndexType",
+    "make_indexes",
+    "recall_at_k",
+]
 
 FLT_MAX = float(np.finfo(np.float32).max)
 """faiss' filler value ``3.4028235e38`` (largest finite float32)."""
 
-IndexBackend: TypeAlias = Literal["torch", "faiss"]
+IndexBackend: TypeAlias = Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"]
+_APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
 IndexNest: TypeAlias = "Index | tuple[IndexNest, ...]"
 IdsLike: TypeAlias = "Tensor | npt.ArrayLike"
 
@@ -310,8 +327,13 @@ class Index:
             descending).
         backend: ``"torch"`` (default, searches on the population's device) or ``"faiss"``
             (requires ``pip install scio[faiss]``; CPU, float32; the raw index is the attribute
-            ``faiss``).
+            ``faiss``); approximate: ``"faiss-ivf"`` or ``"faiss-hnsw"`` (see module doc).
         max_block_bytes: Torch backend only: memory bound of one block of the distance matrix.
+        nlist: ``"faiss-ivf"``: number of lists (default ``min(4·√n, n / 39)`` for the ``n``
+            samples of the first ``add``, which trains the quantiser).
+        nprobe: ``"faiss-ivf"``: lists visited per query.
+        hnsw_m: ``"faiss-hnsw"``: graph degree.
+        ef_search: ``"faiss-hnsw"``: search breadth.
 
     """
 
@@ -324,16 +346,32 @@ class Index:
         metric: IndexMetricLike,
         backend: IndexBackend = "torch",
         max_block_bytes: int = _DEFAULT_BLOCK_BYTES,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 0:
             msg = f"`dim` must be a non-negative integer (got {dim!r})"
             raise ValueError(msg)
-        index_cls = IndexType(metric, backend=backend)
+        approximate = backend in _APPROXIMATE
+        index_cls = IndexType(metric, backend="faiss" if approximate else backend)
         self._dim = int(dim)
         self._metric = metric
         self._backend: IndexBackend = backend
         self._torch: TorchIndexFlat | None = None
-        if backend == "faiss":
+        self._approx = {"nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m, "ef_search": ef_search}
+        for name, value in self._approx.items():
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                msg = f"`{name}` must be a positive integer (got {value!r})"
+                raise ValueError(msg)
+        if backend == "faiss-ivf":
+            self.faiss = None  # built and trained by the first ``add``
+        elif backend == "faiss-hnsw":
+            faiss = _import_faiss()
+            self.faiss = faiss.IndexHNSWFlat(self._dim, hnsw_m, self._faiss_metric())
+            self.faiss.hnsw.efSearch = ef_search
+        elif backend == "faiss":
             self.faiss = index_cls(self._dim)
         else:
             self._torch = index_cls(self._dim, max_block_bytes=max_block_bytes)
@@ -361,6 +399,10 @@ class Index:
         if self._torch is not None:
             data = self._torch.data
             return data if data is not None else torch.empty(0, self._dim)
+        if self.faiss is None:
+            return torch.empty(0, self._dim)
+        if self._backend == "faiss-ivf":
+            self.faiss.make_direct_map()
         return torch.from_numpy(self.faiss.reconstruct_n(0, self.faiss.ntotal))
 
     @property
@@ -368,7 +410,7 @@ class Index:
         """Number of indexed samples."""
         if self._torch is not None:
             return self._torch.ntotal
-        return int(self.faiss.ntotal)
+        return 0 if self.faiss is None else int(self.faiss.ntotal)
 
     @property
     def D_is_similarity(self) -> bool:  # noqa: N802
@@ -400,7 +442,31 @@ class Index:
                 self._torch.add(flat)
         else:
             arr = np.ascontiguousarray(flat.cpu().numpy(), dtype=np.float32)
+            if self.faiss is None:
+                self.faiss = self._trained_ivf(arr)
             self.faiss.add(arr)
+
+    def _faiss_metric(self) -> int:
+        faiss = _import_faiss()
+        ip = IndexMetric(self._metric) == IndexMetric.IP
+        return int(faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+
+    def _trained_ivf(self, arr: np.ndarray) -> Any:
+        """An ``IndexIVFFlat`` whose coarse quantiser is trained on ``arr``."""
+        faiss = _import_faiss()
+        n = len(arr)
+        nlist = self._approx["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if nlist > n:
+            msg = f"`nlist` must not exceed the {n} samples of the first `add` (got {nlist})"
+            raise ValueError(msg)
+        quantizer = (
+            faiss.IndexFlatIP(self._dim) if self._faiss_metric() else faiss.IndexFlatL2(self._dim)
+        )
+        index = faiss.IndexIVFFlat(quantizer, self._dim, nlist, self._faiss_metric())
+        index.train(arr)
+        index.nprobe = min(int(self._approx["nprobe"] or 1), nlist)
+        self._quantizer = quantizer  # keep the Python owner of the quantiser alive
+        return index
 
     def remove_ids(self, ids: IdsLike) -> int:
         """Remove the samples at the current positions ``ids``; return how many were removed.
@@ -413,6 +479,9 @@ class Index:
         ).reshape(-1)
         if self._torch is not None:
             return self._torch.remove_ids(ids_t)
+        if self._backend in _APPROXIMATE:
+            msg = f"`remove_ids` is not supported by the approximate {self._backend!r} backend"
+            raise NotImplementedError(msg)
         arr = np.ascontiguousarray(ids_t.cpu().numpy(), dtype=np.int64)
         return int(self.faiss.remove_ids(arr))
 
@@ -445,7 +514,7 @@ class Index:
         if self._torch is not None:
             with torch.no_grad():
                 D, I = self._torch.search(flat, kk)
-        elif n == 0 or kk == 0:
+        elif n == 0 or kk == 0 or self.faiss is None:
             D = torch.full((n, kk), -FLT_MAX if self.D_is_similarity else FLT_MAX)
             I = torch.full((n, kk), -1, dtype=torch.int64)
         else:
@@ -615,3 +684,67 @@ def make_indexes(
 
     top = tuple(per_groups(groups) for groups in groups_seq)
     return top[0] if squeeze_groups else top
+
+
+def recall_at_k(index: Index, reference: Index, queries: Tensor, k: int) -> float:
+    """Mean fraction of the ``k`` true nearest neighbours (from ``reference``, usually the
+    exact index over the same samples) that ``index`` returns for ``queries``."""
+    found = index.search(queries, k)[1]
+    truth = reference.search(queries, k)[1]
+    hits = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
+    return float(hits.any(dim=1).sum()) / max(1, int((truth >= 0).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature banks of the nearest-neighbour scores (subsampling, storage dtype, backend)
+# ---------------------------------------------------------------------------------------------
+
+_BANK_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_BACKENDS = ("torch", "faiss", *_APPROXIMATE)
+
+
+def bank_size(n: int, fraction: float) -> int:
+    """Number of calibration samples kept by a bank subsampled at ``fraction``: ``⌈α·n⌉``."""
+    return max(1, math.ceil(fraction * n)) if n else 0
+
+
+def check_bank_params(fraction: float, dtype: str | None, backend: str) -> None:
+    """Validate a bank's subsampling fraction ``α ∈ (0, 1]``, storage dtype and backend.
+
+    Raises:
+        ValueError: naming the argument, the expected and the actual value.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        msg = f"`bank_fraction` must lie in (0, 1] (got {fraction!r})"
+        raise ValueError(msg)
+    if dtype is not None and dtype not in _BANK_DTYPES:
+        msg = f"`bank_dtype` must be None or one of {sorted(_BANK_DTYPES)} (got {dtype!r})"
+        raise ValueError(msg)
+    if backend not in _BACKENDS:
+        msg = f"`index_backend` must be one of {list(_BACKENDS)} (got {backend!r})"
+        raise ValueError(msg)
+
+
+def to_bank_dtype(features: Tensor, dtype: str | None) -> Tensor:
+    """``features`` in the bank's storage dtype (``None``: unchanged). Searches of float16 /
+    bfloat16 banks accumulate in float32 (see :class:`TorchIndexFlat`)."""
+    return features if dtype is None else features.to(_BANK_DTYPES[dtype])
+
+
+def bank_rows(n: int, fraction: float, seed: int, device: torch.device) -> Tensor | None:
+    """Sorted positions of the ``⌈α·n⌉`` calibration samples kept in the bank (``None``: all).
+
+    A uniform subsample without replacement, drawn from a CPU generator seeded with ``seed``
+    (the same on every machine and for any batching or sharding of the calibration set), as
+    in the KNN paper's random fraction α of the training set (Sun et al., ICML 2022).
+    """
+    if fraction >= 1:
+        return None
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = torch.randperm(n, generator=generator)[: bank_size(n, fraction)]
+    return rows.sort().values.to(device)
