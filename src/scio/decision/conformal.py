@@ -343,7 +343,10 @@ class ConformalDetector:
     # -- files ------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the fitted detector and its scores to ``path`` (safe format, see
-        :mod:`scio.serialization`; load with :meth:`ConformalDetector.load`)."""
+        :mod:`scio.serialization`; load with :meth:`ConformalDetector.load`).
+
+        With ``randomize=True``, the loaded detector restarts its tie-breaking generator
+        from ``seed`` (its draws repeat those made right after ``fit``)."""
         from scio.serialization import score_payload
 
         self._check_fit()
