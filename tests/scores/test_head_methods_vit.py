@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from scio import scores
 from scio.recorder import Recorder
+from scio.scores.calibration import CalibBatch
 from scio.scores.classification.fdbd import fdbd_conformity, fdbd_inverse_gaps
 from scio.scores.classification.nci import nci_conformity
 
@@ -174,3 +175,31 @@ def test_no_linear_head_after_the_recorded_layer() -> None:
         scores.NCI(head="norm").fit(rnet, calib)
     with pytest.raises(ValueError, match=r"`head`='nope' is not a module of the network"):
         scores.NCI(head="nope").fit(rnet, calib)
+
+
+@pytest.mark.parametrize(
+    ("score", "kept"),
+    [
+        (scores.ViM(dim=8), set()),
+        (scores.fDBD(), set()),
+        (scores.NCI(), set()),
+        (scores.SHE(), set()),
+        (scores.NNGuide(k=3), {"bank"}),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, scores.BaseScore) else str(sorted(v)),
+)
+def test_calibration_keeps_running_sums_only(score: scores.BaseScore, kept: set[str]) -> None:
+    """Only NNGuide keeps per-sample tensors (its bank); the others keep O(d²) sums."""
+    net = _vit()
+    calib, labels, _ = _data()
+    rnet = Recorder(net, input_size=(1, 3, 8, 8), force_static_flow=False)
+    rnet.record("norm")
+    score._rnet = rnet  # drive the batch protocol by hand to inspect the state
+    score._calib_start()
+    score._calib_prepare(rnet, calib)  # type: ignore[attr-defined]
+    for start in range(0, 40, 16):
+        batch = CalibBatch(calib[start : start + 16], labels[start : start + 16], rnet)
+        score._calib_update(batch)
+    state = score._state  # type: ignore[attr-defined]
+    assert set(state._parts) == kept
+    assert all(v.numel() <= DIM * DIM for v in state._sums.values())
