@@ -117,7 +117,14 @@ def test_fit_scores_delegates_to_fit_jointly(
     calls = []
 
     def fake_fit_jointly(
-        pairs, net, calib_data, calib_labels=None, *, batch_size=None, on_batch=None
+        pairs,
+        net,
+        calib_data,
+        calib_labels=None,
+        *,
+        batch_size=None,
+        on_batch=None,
+        distributed=False,
     ):  # type: ignore[no-untyped-def]
         calls.append((pairs, net, calib_data, calib_labels, batch_size))
         for done in (4, 8, 10):
@@ -511,3 +518,27 @@ def test_example_script_runs_headless(tmp_path: Path, monkeypatch: pytest.Monkey
     for name in ("summary_plot.png", "summary.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     plt.close("all")
+
+
+def test_fit_scores_charges_each_score_only_its_own_work(
+    net: SmallNet, data: dict[str, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared forward (made to last 500 s by a fake clock) is charged to no score's
+    calibration entry; each timer reports it in ``timer.shared`` instead."""
+    import scio.scores.joint as joint_module
+
+    ticks = iter(range(0, 10**6, 500))
+    monkeypatch.setattr(joint_module, "perf_counter", lambda: float(next(ticks)))
+    scores = fit_scores(
+        [(MaxLogit(), []), (KNN(k=2), [(1, 3)])],
+        net,
+        data["calib"],
+        data["labels"],
+        batch_size=16,
+        show_progress=False,
+    )
+    for score in scores:
+        (entry,) = score.timer.calibration
+        assert entry.n_samples == 40
+        assert entry.duration < 500  # its own work only, not the 3 x 500 s shared forwards
+        assert score.timer.shared == {"calibration": 3 * 500.0}
