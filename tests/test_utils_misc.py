@@ -209,3 +209,74 @@ def test_params_set_del_and_errors() -> None:
         _ = obj.required
     with pytest.raises(TypeError, match="unexpected parameter"):
         _Child(bad=1)
+
+
+def _timer_growth(n_calls: int) -> int:
+    """Bytes still allocated by the timer's module after ``n_calls`` more ``add`` calls."""
+    import tracemalloc
+
+    target = _Target()
+    timer = ScoreTimer(target)
+    timer.max_entries = 1_000
+    for _ in range(2_000):  # fill the window first
+        timer.add("inference", 1, 1e-6)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(n_calls):
+        timer.add("inference", i % 7, 1e-6)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert len(timer.stats) == 1_000
+    assert timer.totals["inference"]["count"] == 2_000 + n_calls
+    return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+
+
+def test_timer_memory_is_bounded() -> None:
+    """Past the window, memory is the window's (1,000 entries of < 150 B: the entries made
+    during the measurement replace older ones), whatever the number of calls; the unbounded
+    timer grew by ~370 B per call."""
+    assert _timer_growth(50_000) < 1_000 * 150
+
+
+@pytest.mark.slow
+def test_timer_memory_flat_over_a_million_calls() -> None:
+    assert _timer_growth(1_000_000) < 1_000 * 150
+
+
+def test_timer_window_totals_and_off_switch(capsys: pytest.CaptureFixture[str]) -> None:
+    target = _Target()
+    timer = ScoreTimer(target)
+    timer.max_entries = 3
+    for i in range(5):
+        timer.add("inference", 10 + i, float(i))
+    timer.add("calibration", 100, 0.5)
+    assert [s.n_samples for s in timer.stats] == [13, 14, 100]
+    assert timer.n_dropped == 3
+    assert timer.totals["inference"] == {
+        "count": 5,
+        "n_samples": 60,
+        "duration": 10.0,
+        "min_duration": 0.0,
+        "max_duration": 4.0,
+    }
+    assert timer.totals["calibration"]["count"] == 1
+    timer.report
+    assert "3 older entries not kept" in " ".join(capsys.readouterr().out.split())
+    timer.enabled = False
+    timer.add("inference", 1, 1.0)
+    with timer("inference", n_samples=1):
+        pass
+    assert len(timer.stats) == 3
+    assert timer.totals["inference"]["count"] == 5
+    timer.enabled = True
+    timer.max_entries = None  # unbounded, as the reference
+    for _ in range(5):
+        timer.add("inference", 1, 0.0)
+    assert len(timer.stats) == 8
+    # params snapshots follow parameter changes
+    target.a = 5
+    timer.add("inference", 1, 0.0)
+    assert timer.stats[-1].params["a"] == 5
+    assert timer.stats[-2].params["a"] == 1
+    timer.add_shared("calibration", 2.5)
+    assert timer.shared == {"calibration": 2.5}

@@ -123,7 +123,12 @@ def _run(
         tapped = dict(union._tapped_inputs)
         shared = perf_counter() - start
         for session, layers in sessions:
-            session.charge(shared)
+            # A forward shared by several scores is charged to none of them (each timer holds
+            # its own work, the shared seconds go to ``timer.shared``); alone, it is its own.
+            if len(sessions) == 1:
+                session.charge(shared)
+            else:
+                session.score.timer.add_shared("calibration", shared)
             acts = tuple(act for depth_idx, act in recorded if depth_idx in layers)
             taps = {module: tapped[module] for module in session.score.rnet._taps}
             batch = CalibBatch(

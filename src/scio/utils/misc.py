@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import perf_counter
@@ -110,13 +112,66 @@ class _Pending:
         self.n_samples = n_samples
 
 
+_OPERATIONS = {member.value: member for member in ScoreTimerOperation}
+
+
+class _Totals:
+    """Running statistics of one operation (all entries, including those no longer kept)."""
+
+    __slots__ = ("count", "duration", "max_duration", "min_duration", "n_samples")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.n_samples = 0
+        self.duration = 0.0
+        self.min_duration = math.inf
+        self.max_duration = 0.0
+
+    def add(self, n_samples: int, duration: float) -> None:
+        self.count += 1
+        self.n_samples += n_samples
+        self.duration += duration
+        self.min_duration = min(self.min_duration, duration)
+        self.max_duration = max(self.max_duration, duration)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "count": self.count,
+            "n_samples": self.n_samples,
+            "duration": self.duration,
+            "min_duration": self.min_duration if self.count else math.nan,
+            "max_duration": self.max_duration if self.count else math.nan,
+        }
+
+
 class ScoreTimer:
-    """Records calibration and inference durations of a score (weakly referenced)."""
+    """Records calibration and inference durations of a score (weakly referenced).
+
+    The API and report are the reference's. Memory is bounded for long-running services: the
+    timer keeps the ``max_entries`` most recent entries (``None``: all, as the reference) and
+    running statistics of *every* entry (:attr:`totals`); ``enabled = False`` turns it off
+    (nothing stored). Both are class defaults that an instance may override.
+
+    *Shared work.* When several scores share one forward pass (``fit_jointly``, joint
+    inference), that pass is charged to no score's entries: each entry holds the score's own
+    work only, and the shared seconds the score used are accumulated in :attr:`shared`.
+    """
+
+    #: Most recent entries kept per timer (``None`` keeps all of them).
+    max_entries: int | None = 10_000
+    #: When ``False``, nothing is recorded (deployment off switch).
+    enabled: bool = True
 
     def __init__(self, target: object) -> None:
         self._type_name = type(target).__qualname__
         self._ref = weakref.ref(target)
-        self._stats: list[ScoreTimerStat] = []
+        self._stats: deque[ScoreTimerStat] = deque(maxlen=self.max_entries)
+        self._totals: dict[ScoreTimerOperation, _Totals] = {}
+        self._shared: dict[ScoreTimerOperation, float] = {}
+        self._params_key: tuple[int, ...] | None = None
+        self._params_version: int | None = None
+        self._checked_type: type | None = None
+        self._params_snapshot: MappingProxyType[str, Any] = MappingProxyType({})
 
     @property
     def target(self) -> Any:
@@ -125,18 +180,75 @@ class ScoreTimer:
 
     @property
     def stats(self) -> tuple[ScoreTimerStat, ...]:
-        """All stats, oldest first."""
+        """The kept stats (at most ``max_entries``), oldest first."""
         return tuple(self._stats)
 
     @property
     def calibration(self) -> tuple[ScoreTimerStat, ...]:
-        """Calibration stats, oldest first."""
+        """Kept calibration stats, oldest first."""
         return tuple(s for s in self._stats if s.op == ScoreTimerOperation.CALIBRATION)
 
     @property
     def inference(self) -> tuple[ScoreTimerStat, ...]:
-        """Inference stats, oldest first."""
+        """Kept inference stats, oldest first."""
         return tuple(s for s in self._stats if s.op == ScoreTimerOperation.INFERENCE)
+
+    @property
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Per operation, running ``count``, ``n_samples``, ``duration`` (sum), ``min_duration``
+        and ``max_duration`` over every recorded entry, kept or not."""
+        return {op.value: totals.as_dict() for op, totals in self._totals.items()}
+
+    @property
+    def n_dropped(self) -> int:
+        """Number of entries no longer kept (older than the ``max_entries`` most recent)."""
+        return sum(t.count for t in self._totals.values()) - len(self._stats)
+
+    @property
+    def shared(self) -> dict[str, float]:
+        """Per operation, seconds of shared work (e.g. a joint forward pass) this score used
+        but that is not charged to its entries."""
+        return {op.value: seconds for op, seconds in self._shared.items()}
+
+    def _live_target(self) -> Any:
+        target = self._ref()
+        if target is None:
+            msg = f"Target {self._type_name!r} object is dead"
+            raise RuntimeError(msg)
+        if type(target) is not self._checked_type and not hasattr(target, "params"):
+            msg = (
+                f"Target {target} is missing a required 'params' attribute. Hint: "
+                "ScoreTimer instances should only target Score instances"
+            )
+            raise AttributeError(msg)
+        self._checked_type = type(target)
+        return target
+
+    def _params(self, target: Any) -> MappingProxyType[str, Any]:
+        """Snapshot of the target's parameters, taken again only when a parameter was set
+        (``ParamClass`` counts assignments) or, for other targets, changed identity."""
+        version = getattr(target, "_param_version", None)
+        if version is not None and type(version) is int:
+            if version == self._params_version:
+                return self._params_snapshot
+            self._params_version = version
+            self._params_snapshot = _snapshot(_reported_params(target))
+            return self._params_snapshot
+        params = _reported_params(target)
+        key = tuple(id(value) for value in params.values())
+        if key != self._params_key or tuple(params) != tuple(self._params_snapshot):
+            self._params_snapshot = _snapshot(params)
+            self._params_key = key
+        return self._params_snapshot
+
+    def _store(self, stat: ScoreTimerStat) -> None:
+        if self._stats.maxlen != self.max_entries:  # max_entries changed: resize the window
+            self._stats = deque(self._stats, maxlen=self.max_entries)
+        self._stats.append(stat)
+        totals = self._totals.get(stat.op)
+        if totals is None:
+            totals = self._totals[stat.op] = _Totals()
+        totals.add(stat.n_samples, stat.duration)
 
     @contextmanager
     def __call__(self, op: ScoreTimerOperationLike, /, *, n_samples: int) -> Iterator[_Pending]:
@@ -145,34 +257,33 @@ class ScoreTimer:
         The yielded handle's ``n_samples`` may be updated inside the block, for streams whose
         length is only known once consumed.
         """
-        target = self.target
-        if target is None:
-            msg = f"Target {self._type_name!r} object is dead"
-            raise RuntimeError(msg)
-        if not hasattr(target, "params"):
-            msg = (
-                f"Target {target} is missing a required 'params' attribute. Hint: "
-                "ScoreTimer instances should only target Score instances"
-            )
-            raise AttributeError(msg)
+        target = self._live_target()
         operation = ScoreTimerOperation(op)
-        params = _snapshot(_reported_params(target))
+        params = self._params(target) if self.enabled else self._params_snapshot
         del target
         pending = _Pending(int(n_samples))
         start = perf_counter()
         yield pending
         duration = perf_counter() - start
-        self._stats.append(ScoreTimerStat(operation, pending.n_samples, duration, params))
+        if self.enabled:
+            self._store(ScoreTimerStat(operation, pending.n_samples, duration, params))
 
     def add(self, op: ScoreTimerOperationLike, n_samples: int, duration: float) -> None:
-        """Store a duration measured elsewhere (same checks as the context manager)."""
-        with self(op, n_samples=n_samples):
-            pass
-        last = self._stats[-1]
-        self._stats[-1] = last._replace(duration=float(duration))
+        """Store a duration measured elsewhere (same checks as the context manager; O(1))."""
+        target = self._live_target()
+        operation = _OPERATIONS.get(op) or ScoreTimerOperation(op)
+        if self.enabled:
+            params = self._params(target)
+            self._store(ScoreTimerStat(operation, int(n_samples), float(duration), params))
+
+    def add_shared(self, op: ScoreTimerOperationLike, seconds: float) -> None:
+        """Account ``seconds`` of shared work used by the score but charged to no entry."""
+        operation = ScoreTimerOperation(op)
+        if self.enabled:
+            self._shared[operation] = self._shared.get(operation, 0.0) + float(seconds)
 
     def _report_table(self) -> Table | None:
-        stats = self._stats[::-1]
+        stats = list(self._stats)[::-1]
         if not stats:
             return None
         keys = set(stats[0].params)
@@ -199,7 +310,8 @@ class ScoreTimer:
         show_extra = any(extras)
         table = Table(
             title=ReprHighlighter()(title),
-            caption="Entries are listed from newest to oldest",
+            caption="Entries are listed from newest to oldest"
+            + (f" ({self.n_dropped} older entries not kept)" if self.n_dropped else ""),
             box=HEAVY_HEAD_ROUNDED_BOTTOM,
             safe_box=False,
             show_lines=True,

@@ -281,16 +281,23 @@ class ParamClass(metaclass=_ParamMeta):
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         """Hook called before a parameter is assigned (override in subclasses)."""
 
+    @property
+    def _param_version(self) -> int:
+        """Number of parameter assignments and deletions so far (cheap change detection)."""
+        return int(self.__dict__.get("_n_param_sets", 0))
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._param_names:
             self._check_param_value(name, value)
             self._on_param_will_be_set(name, value)
+            self.__dict__["_n_param_sets"] = self.__dict__.get("_n_param_sets", 0) + 1
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
         if name in self._param_names:
             self._on_param_will_be_set(name, self._default(name))
             self.__dict__.pop(name, None)
+            self.__dict__["_n_param_sets"] = self.__dict__.get("_n_param_sets", 0) + 1
             return
         super().__delattr__(name)
 
