@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -72,6 +73,49 @@ def _whitening(cov: Tensor, raw_scale: float, where: str) -> Tensor:
     return eigvecs[:, keep] * eigvals[keep].rsqrt()
 
 
+#: Rows of a batch converted to float64 at once: ``_CHUNK_ELEMENTS / d`` (128 MiB of float64).
+_CHUNK_ELEMENTS = 2**24
+#: Float64 ``d × d`` matrices alive at the end of calibration (running ``Σ z zᵀ``, covariance,
+#: its symmetrised copy, eigenvectors, whitening), per covariance.
+_MATRICES_PER_COVARIANCE = 5
+#: Above this estimate (bytes), calibration warns before allocating.
+_WARN_BYTES = 2 * 2**30
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (physical RAM for the CPU), ``None`` if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_covariance_memory(score: str, layer: str, feats: Tensor, device: torch.device) -> None:
+    """Raise ``MemoryError`` (more than the device has) or warn (over 2 GiB) before a layer's
+    float64 covariance is allocated, naming the layer, its size and the fix."""
+    d = math.prod(feats.shape[1:])
+    n_cov = 2 if score == "RelativeMahalanobis" else 1
+    estimate = d * d * 8 * _MATRICES_PER_COVARIANCE * n_cov
+    available = _available_bytes(device)
+    if estimate <= _WARN_BYTES and (available is None or estimate <= available):
+        return
+    msg = (
+        f"{score}: recorded layer {layer} has {d} features per sample "
+        f"(flattened {tuple(feats.shape[1:])}); its float64 covariance statistics need about "
+        f"{estimate / 2**30:.1f} GiB ({d}² · 8 bytes × {_MATRICES_PER_COVARIANCE * n_cov} "
+        f"matrices) and a {d} × {d} eigendecomposition. Fix: record a pooled layer "
+        "instead (e.g. the global-average-pooling output), or pool this one (a module "
+        "returning `a.mean(dim=(2, 3))`, or the Recorder's `activation_postproc` at "
+        "inference), or record another (smaller) layer"
+    )
+    if available is not None and estimate > available:
+        msg += f" (the {device.type} device has {available / 2**30:.1f} GiB)"
+        raise MemoryError(msg)
+    warnings.warn(msg, UserWarning, stacklevel=4)
+
+
 def _rescaled_grad(objective: Tensor, z: Tensor, x: Tensor) -> Tensor:
     """Input gradient of ``objective`` (one value per sample) after dividing each sample's
     objective by the max-abs of its gradient w.r.t. the features ``z``.
@@ -129,12 +173,16 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     previous value on assignment); a ``weights`` length that differs from the number of
     recorded layers raises ``ValueError`` at inference.
 
-    Cost: calibration memory ``O(C·d + d²)`` per layer (float64), one ``d × d``
-    eigen-decomposition per layer at the end. Inference: per layer one ``(n × d)·(d × r)``
-    and one ``(n × r)·(r × C)`` product (float32, float64 for float64 inputs); no extra
-    forward pass when ``epsilon == 0``, otherwise one backward and one extra forward per
-    recorded layer. Fitted state (float64, per layer): ``means`` (NaN rows for absent
-    classes), ``center`` (``μ̄``), ``whitening`` (``W``) and ``means_white`` (``μ̃``).
+    Cost: calibration memory ``O(C·d + d²)`` per layer (float64; batches are converted to
+    float64 by chunks of ``2**24`` elements, so ``n`` never enters), one ``d × d``
+    eigen-decomposition per layer at the end. Before allocating, a layer whose float64
+    statistics would exceed the device's memory raises ``MemoryError`` (above 2 GiB: a
+    ``UserWarning``), naming the layer, its flattened size, the estimate and the fix.
+    Inference: per layer one ``(n × d)·(d × r)`` and one ``(n × r)·(r × C)`` product
+    (float32, float64 for float64 inputs); no extra forward pass when ``epsilon == 0``,
+    otherwise one backward and one extra forward per recorded layer. Fitted state (float64,
+    per layer): ``means`` (NaN rows for absent classes), ``center`` (``μ̄``), ``whitening``
+    (``W``) and ``means_white`` (``μ̃``).
     """
 
     epsilon: float = 0.0
@@ -222,15 +270,23 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         labels = validate_labels(batch.labels, len(batch), n_classes)
         features = self.normalize(batch.activations)
         state = self._state
+        self._layer_ids = tuple(self.rnet.activations.keys()) or tuple(self.rnet.recording)
         for layer, feats in enumerate(features):
-            x = feats.reshape(len(feats), -1).to(_F64)
-            ids = labels.to(x.device)
+            flat = feats.reshape(len(feats), -1)
+            if f"outer{layer}" not in state:  # first batch: refuse or warn before allocating
+                _check_covariance_memory(
+                    type(self).__name__, self._layer_name(layer), feats, flat.device
+                )
+            d = flat.shape[1]
+            ids = labels.to(flat.device)
             if layer == 0:
                 state.add("count", torch.bincount(ids, minlength=n_classes).to(_F64))
-            sums = x.new_zeros((n_classes, x.shape[1])).index_add_(0, ids, x)
-            state.add(f"sum{layer}", sums)
-            state.add(f"outer{layer}", x.T @ x)
-        self._layer_ids = tuple(self.rnet.activations.keys())
+            step = max(1, _CHUNK_ELEMENTS // max(d, 1))  # bounded float64 copy of the batch
+            for start in range(0, len(flat), step):
+                x = flat[start : start + step].to(_F64)
+                sums = x.new_zeros((n_classes, d)).index_add_(0, ids[start : start + step], x)
+                state.add(f"sum{layer}", sums)
+                state.add(f"outer{layer}", x.T @ x)
 
     def _layer_name(self, layer: int) -> str:
         ids = self.__dict__.get("_layer_ids", ())
