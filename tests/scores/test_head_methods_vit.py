@@ -171,6 +171,14 @@ def test_no_linear_head_after_the_recorded_layer() -> None:
     # ... unless the head is named explicitly.
     score = scores.NCI(head="head").fit(rnet, calib)
     assert score.head_name == "head"
+    # Scores then read the named head's own logits: fDBD does not see the output scaling.
+    plain = Recorder(_vit(), input_size=(1, 3, 8, 8), force_static_flow=False)
+    plain.record("norm")
+    _, expected = scores.fDBD().fit(plain, calib)(calib[:6])
+    out, conformity = scores.fDBD(head="head").fit(rnet, calib)(calib[:6])
+    torch.testing.assert_close(conformity, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(out, 2 * plain.net(calib[:6]))
     with pytest.raises(ValueError, match=r"`head`='norm' must name an nn.Linear"):
         scores.NCI(head="norm").fit(rnet, calib)
     with pytest.raises(ValueError, match=r"`head`='nope' is not a module of the network"):

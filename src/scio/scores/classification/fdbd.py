@@ -62,7 +62,11 @@ class fDBD(HeadMixin, StreamingCalibration, BaseScoreClassif):  # noqa: N801 (pa
     ``z_ŷ = z_c``), identical for every class. Labels are not used.
 
     Args:
-        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+        head: the head's module name (``None``: discovered, see
+            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            head's input with its weight and bias (one ``d × C`` product): the network
+            output for a discovered head, that layer's own output when ``head`` names a
+            linear layer that is not the last one.
 
     Cost: calibration is a float64 running sum of the features (``O(d)`` memory) and, at
     the end, the ``(C, C)`` inverse weight gaps. Inference: one forward, then ``O(n C)``.
@@ -94,5 +98,6 @@ class fDBD(HeadMixin, StreamingCalibration, BaseScoreClassif):  # noqa: N801 (pa
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, features = self.head_forward(inputs)
-        conformity = fdbd_conformity(out, features, self.inverse_gaps, self.center)
+        logits = self.head_logits(features)
+        conformity = fdbd_conformity(logits, features, self.inverse_gaps, self.center)
         return out, conformity.to(out.dtype)

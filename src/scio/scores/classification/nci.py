@@ -56,7 +56,11 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
     Args:
         alpha: weight of the L1-norm filter, ``α ≥ 0`` (default 0: the proximity alone).
             Used at inference only: changing it keeps the score fit.
-        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+        head: the head's module name (``None``: discovered, see
+            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            head's input with its weight and bias (one ``d × C`` product): the network
+            output for a discovered head, that layer's own output when ``head`` names a
+            linear layer that is not the last one.
 
     Cost: calibration is a float64 running sum of the features (``O(d)`` memory).
     Inference: one forward, then ``O(n d)`` with the head's live weight. Fitted state:
@@ -93,5 +97,6 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         self._check_alpha()  # changing `alpha` keeps the score fit: checked here too
         out, features = self.head_forward(inputs)
-        conformity = nci_conformity(out, features, self.head_weight, self.center, self.alpha)
+        logits = self.head_logits(features)
+        conformity = nci_conformity(logits, features, self.head_weight, self.center, self.alpha)
         return out, conformity.to(out.dtype)

@@ -75,7 +75,11 @@ class NNGuide(HeadMixin, StreamingCalibration, BaseScoreClassif):
             calibration order (see :func:`nnguide_keep`), so it does not depend on batching;
             shuffle the calibration data for a random subsample. In a distributed fit the
             positions are counted on each rank (each shard is subsampled on its own).
-        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+        head: the head's module name (``None``: discovered, see
+            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            head's input with its weight and bias (one ``d × C`` product): the network
+            output for a discovered head, that layer's own output when ``head`` names a
+            linear layer that is not the last one.
 
     Cost: calibration keeps the ``(⌊N f⌋, d)`` bank (float32, float64 for float64 inputs),
     the only head method that keeps features. Inference: one forward and one exact
@@ -101,12 +105,13 @@ class NNGuide(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     def _calib_update(self, batch: CalibBatch) -> None:
         features = self.head_features(batch)
+        logits = self.head_logits(features)
         keep = nnguide_keep(self._seen, len(batch), float(self.bank_fraction), features.device)
         self._seen += len(batch)
         if bool(keep.all()):
-            self._state.append("bank", nnguide_bank(features, batch.out))
+            self._state.append("bank", nnguide_bank(features, logits))
         elif bool(keep.any()):
-            self._state.append("bank", nnguide_bank(features[keep], batch.out[keep]))
+            self._state.append("bank", nnguide_bank(features[keep], logits[keep]))
 
     def _calib_end(self) -> None:
         self.__dict__.pop("_seen", None)
@@ -132,5 +137,6 @@ class NNGuide(HeadMixin, StreamingCalibration, BaseScoreClassif):
         out, features = self.head_forward(inputs)
         x = _unit(features)
         guidance = self.index.search(x, self.k)[0].to(x.dtype).mean(dim=1)
-        conformity = torch.logsumexp(out.to(x.dtype), dim=1) * guidance
+        logits = self.head_logits(features)
+        conformity = torch.logsumexp(logits.to(x.dtype), dim=1) * guidance
         return out, conformity.to(out.dtype)

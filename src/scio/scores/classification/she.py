@@ -58,7 +58,11 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     ``-inf`` (documented fallback).
 
     Args:
-        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+        head: the head's module name (``None``: discovered, see
+            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            head's input with its weight and bias (one ``d × C`` product): the network
+            output for a discovered head, that layer's own output when ``head`` names a
+            linear layer that is not the last one.
 
     Cost: calibration needs labels and keeps float64 per-class running sums (``O(C d)``).
     Inference: one forward, then ``O(n d)``. Fitted state: ``templates`` ``(C, d)``
@@ -68,11 +72,12 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     _fitted_attrs: ClassVar[tuple[str, ...]] = (*HeadMixin._head_fitted_attrs, "templates")
 
     def _calib_update(self, batch: CalibBatch) -> None:
-        out = batch.out
-        n_classes = out.shape[1]
-        labels = validate_labels(batch.labels, len(batch), n_classes).to(out.device)
-        features = self.head_features(batch).to(_F64)
-        correct = out.argmax(dim=1) == labels
+        features = self.head_features(batch)
+        logits = self.head_logits(features)
+        n_classes = logits.shape[1]
+        labels = validate_labels(batch.labels, len(batch), n_classes).to(logits.device)
+        features = features.to(_F64)
+        correct = logits.argmax(dim=1) == labels
         ids = labels[correct]
         sums = features.new_zeros((n_classes, features.shape[1]))
         sums.index_add_(0, ids, features[correct])
@@ -94,4 +99,5 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, features = self.head_forward(inputs)
-        return out, she_conformity(out, features, self.templates).to(out.dtype)
+        logits = self.head_logits(features)
+        return out, she_conformity(logits, features, self.templates).to(out.dtype)

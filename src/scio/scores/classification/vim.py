@@ -103,7 +103,11 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
         dim: ``D``, size of the principal space, ``0 < D < d``. ``None``: the paper's rule
             (:func:`vim_default_dim`: 1000 if ``d ≥ 1500``, 512 if ``d ≥ 768``, else
             ``d // 2``). ``D ≥ d`` raises ``ValueError`` at fit.
-        head: the head's module name (``None``: discovered, see :class:`HeadMixin`).
+        head: the head's module name (``None``: discovered, see
+            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            head's input with its weight and bias (one ``d × C`` product): the network
+            output for a discovered head, that layer's own output when ``head`` names a
+            linear layer that is not the last one.
 
     Cost: calibration accumulates the float64 ``(d, d)`` moment (one ``d × d`` product per
     batch), then one ``d × d`` ``eigh`` (excluded from the streaming cost) and one
@@ -137,7 +141,8 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
         state = self._state
         state.add("count", torch.tensor(float(len(features)), dtype=_F64))
         state.add("moment", centred.T @ centred)
-        state.add("max_logit", batch.out.to(_F64).amax(dim=1).sum())
+        logits = self.head_logits(self.head_features(batch))
+        state.add("max_logit", logits.to(_F64).amax(dim=1).sum())
 
     def _bias(self) -> Tensor | None:
         bias = self.head_bias
@@ -177,5 +182,6 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, features = self.head_forward(inputs)
-        conformity = vim_conformity(out, features, self.origin, self.residual_basis, self.alpha)
+        logits = self.head_logits(features)
+        conformity = vim_conformity(logits, features, self.origin, self.residual_basis, self.alpha)
         return out, conformity.to(out.dtype)
