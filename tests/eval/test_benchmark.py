@@ -420,8 +420,9 @@ def test_summary_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hists, rocs = fig.axes[:3], fig.axes[3:]
     assert [ax.get_title() for ax in hists] == [_score_and_layers_str(p) for p in PAIRS]
     assert [ax.get_title() for ax in rocs] == ["Shifted", "Wide"]
-    # Only the leftmost legends are kept.
-    assert [ax.get_legend() is not None for ax in fig.axes] == [True, False, False, True, False]
+    # Only the leftmost histogram legend; the ROC legend is a figure legend below the ROCs.
+    assert [ax.get_legend() is not None for ax in fig.axes] == [True, False, False, False, False]
+    assert len(fig.legends) == 1
     assert hists[0].get_ylabel() == "Density"
     assert hists[0].get_yticks().size == 0
     plt.close(fig)
@@ -430,7 +431,8 @@ def test_summary_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_summary_plot_legend_pair_and_no_show(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plt, "show", lambda block=None: pytest.fail("shown"))
     fig = summary_plot(CONFS_IND[:1], [c[:1] for c in CONFS_OODS], legend=(False, True), show=False)
-    assert [ax.get_legend() is not None for ax in fig.axes] == [False, True, False]
+    assert [ax.get_legend() is not None for ax in fig.axes] == [False, False, False]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Score 1"]
     assert fig.axes[0].get_title() == "Score 1"
     plt.close(fig)
 
@@ -453,7 +455,8 @@ def test_summary_optimal_only_and_baseline(
     )
     out = " ".join(capsys.readouterr().out.split())
     kept = sorted(best | {2})
-    assert f"Evaluation of {len(kept)} scores against 2 OoD sets and 1 metrics" in out
+    plural = "s" if len(kept) > 1 else ""
+    assert f"Evaluation of {len(kept)} score{plural} against 2 OoD sets and 1 metric" in out
     assert "MaxLogit()" in out
     assert len(fig.axes) == len(kept) + 2
     assert (tmp_path / "summary.png").read_bytes()[:8] == PNG_MAGIC

@@ -23,6 +23,7 @@ from scio.eval.classification import (
     summary,
     summary_plot,
     summary_table,
+    topk_evals,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "summary",
     "summary_plot",
     "summary_table",
+    "topk_evals",
 ]

@@ -10,6 +10,7 @@ from scio.eval.classification.benchmark import (
     summary,
     summary_plot,
     summary_table,
+    topk_evals,
 )
 from scio.eval.classification.discriminative_power import (
     AUC,
@@ -42,4 +43,5 @@ __all__ = [
     "summary",
     "summary_plot",
     "summary_table",
+    "topk_evals",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "summary",
     "summary_plot",
     "summary_table",
+    "topk_evals",
 ]
 
 ScoreClassifAndLayers: TypeAlias = tuple[BaseScoreClassif, Collection[DepthIdx]]
@@ -68,10 +69,13 @@ _IND_TITLE = "In-Distribution"
 
 
 # -- display helpers ---------------------------------------------------------------------------
-def _score_and_layers_str(score_and_layers: ScoreClassifAndLayers | None) -> str:
-    """``str(score)``, plus ``"\\n↳ "`` and the recorded layers when there are some."""
+def _score_and_layers_str(score_and_layers: ScoreClassifAndLayers | str | None) -> str:
+    """``str(score)``, plus ``"\\n↳ "`` and the recorded layers when there are some; a string
+    label is returned as it is (as in the reference)."""
     if score_and_layers is None:
         return ""
+    if isinstance(score_and_layers, str):
+        return score_and_layers
     score, layers = score_and_layers
     text = str(score)
     if layers:
@@ -80,18 +84,25 @@ def _score_and_layers_str(score_and_layers: ScoreClassifAndLayers | None) -> str
 
 
 def _score_names(
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None, n_scores: int
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None, n_scores: int
 ) -> list[str]:
     if scores_and_layers is None:
         return [f"Score {i}" for i in range(1, n_scores + 1)]
-    check(len(scores_and_layers) == n_scores, "One (score, layers) pair per row of confidences")
+    check(
+        len(scores_and_layers) == n_scores,
+        "`scores_and_layers` must have one (score, layers) pair or label per row of "
+        f"confidences (got {len(scores_and_layers)} for {n_scores} scores)",
+    )
     return [_score_and_layers_str(pair) for pair in scores_and_layers]
 
 
 def _ood_names(oods_title: Sequence[str] | None, n_oods: int) -> list[str]:
     if oods_title is None:
         return [f"OoD {i}" for i in range(1, n_oods + 1)]
-    check(len(oods_title) == n_oods, "One title per OoD set")
+    check(
+        len(oods_title) == n_oods,
+        f"`oods_title` must have one title per OoD set (got {len(oods_title)} for {n_oods})",
+    )
     return [str(title) for title in oods_title]
 
 
@@ -310,10 +321,54 @@ def _best_values(values: FloatArray, higher: Sequence[bool]) -> FloatArray:
     return np.where(np.asarray(higher, dtype=bool), top, bottom)
 
 
+def topk_evals(
+    evals: npt.ArrayLike, k: int = 1, *, baseline: int | None = None
+) -> npt.NDArray[np.intp]:
+    """Sorted indexes of the rows (scores) reaching the top ``k`` of at least one scenario.
+
+    ``evals`` has shape ``(n, *scenarios)`` (e.g. from :func:`compute_metrics`); higher is
+    better and NaN is never in a top ``k``. If ``not 0 < k <= n`` every row is returned. The
+    ``baseline`` row, when given, is left out of the ranking and always returned. Pass the
+    result as ``keep=`` to :func:`summary_table` / :func:`summary_plot`.
+    """
+    values = np.array(evals, dtype=np.float64)
+    n = len(values)
+    if not 0 < k <= n:
+        return np.arange(n)
+    if baseline is not None:
+        values[baseline] = np.nan
+    ranked = np.where(np.isnan(values), -np.inf, values)
+    kth = -np.sort(-ranked, axis=0)[k - 1]  # k-th best of every scenario
+    with np.errstate(invalid="ignore"):
+        mask = (values >= kth).reshape(n, -1).any(axis=1)
+    if baseline is not None:
+        mask[baseline] = True
+    return np.flatnonzero(mask)
+
+
+def _kept_rows(keep: npt.ArrayLike | None, n_scores: int) -> list[int]:
+    """Row indexes selected by ``keep`` (integer indexes, any order, or a boolean mask)."""
+    if keep is None:
+        return list(range(n_scores))
+    arr = np.asarray(keep)
+    if arr.dtype == bool:
+        check(
+            arr.shape == (n_scores,),
+            f"A boolean `keep` must have shape ({n_scores},) (got {arr.shape})",
+        )
+        return [int(i) for i in np.flatnonzero(arr)]
+    check(
+        arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer),
+        f"`keep` must be a 1D array of integer indexes or a boolean mask (got {arr!r})",
+    )
+    return [int(i) % n_scores for i in arr]
+
+
 def _summary_table(
     evals: npt.ArrayLike,
     *,
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None = None,
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None = None,
+    keep: npt.ArrayLike | None = None,
     oods_title: Sequence[str] | None = None,
     metrics: Sequence[BaseDiscriminativePower] | None = None,
     baseline: int | None = None,
@@ -327,8 +382,15 @@ def _summary_table(
         check(-n_scores <= baseline < n_scores, "`baseline` must index a score")
         baseline %= n_scores
     higher = _best_is_max(metrics, n_metrics)
+    rows = _kept_rows(keep, n_scores)  # highlighting is computed on every score first
 
-    title = f"Evaluation of {n_scores} scores against {n_oods} OoD sets and {n_metrics} metrics"
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'s' if n > 1 else ''}"
+
+    title = (
+        f"Evaluation of {plural(len(rows), 'score')} against {plural(n_oods, 'OoD set')} and "
+        f"{plural(n_metrics, 'metric')}"
+    )
     if metrics:
         title += ":\n" + " / ".join(map(str, metrics))
     table = Table(
@@ -348,7 +410,9 @@ def _summary_table(
         table.add_column(escape(header), justify="center")
 
     best = _best_values(values, higher)
-    for i, name in enumerate(_score_names(scores_and_layers, n_scores)):
+    names = _score_names(scores_and_layers, n_scores)
+    for i in rows:
+        name = names[i]
         cells = []
         for j in range(n_oods):
             texts = []
@@ -372,7 +436,8 @@ def _summary_table(
 def summary_table(
     evals: npt.ArrayLike,
     *,
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None = None,
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None = None,
+    keep: npt.ArrayLike | None = None,
     oods_title: Sequence[str] | None = None,
     metrics: Sequence[BaseDiscriminativePower] | None = None,
     baseline: int | None = None,
@@ -383,12 +448,15 @@ def summary_table(
     (``"{:.3f}"``, joined by ``" / "``). The best value of each column and metric is shown in
     gold; with a ``baseline`` (index of a score), its row is underlined and values strictly
     better than the baseline's are bold (without baseline, every value is bold). "Better"
-    follows each metric's ``higher_is_better``.
+    follows each metric's ``higher_is_better``. ``keep`` (integer indexes, in any order, or a
+    boolean mask; e.g. from :func:`topk_evals`) restricts the rows shown, after highlighting.
+    Rows are labelled by ``scores_and_layers``: ``(score, layers)`` pairs or plain strings.
     """
     rich.print(
         _summary_table(
             evals,
             scores_and_layers=scores_and_layers,
+            keep=keep,
             oods_title=oods_title,
             metrics=metrics,
             baseline=baseline,
@@ -420,7 +488,7 @@ def histogram_oods(
     conf_oods: Sequence[npt.ArrayLike],
     *,
     oods_title: Sequence[str] | None = None,
-    score_and_layers: ScoreClassifAndLayers | None = None,
+    score_and_layers: ScoreClassifAndLayers | str | None = None,
     **hist_kw: Any,
 ) -> Axes:
     """Overlaid histograms of one score's confidences on InD and on each OoD set.
@@ -502,19 +570,21 @@ def roc_scores(
     confs_ind: npt.ArrayLike,
     confs_ood: npt.ArrayLike,
     *,
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None = None,
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None = None,
     ood_title: str | None = None,
     legend: bool = True,
     convex_hull: bool = False,
     ax: Axes | None = None,
     show_convex_hull: bool | None = None,
+    colors: Sequence[Any] | None = None,
 ) -> Axes:
     """Pessimistic ROC curves of every score against one OoD set.
 
     Each score gets its Pareto points (dots) and the post-step pessimistic curve; with
     ``convex_hull`` (alias ``show_convex_hull``, the older name) the ROC convex hulls are
     added as dotted lines. Title: ``ood_title`` or ``"Out-of-Distribution"``; legend titled
-    ``"Scores"`` at the lower right.
+    ``"Scores"`` at the lower right. ``colors`` (one per score; default: matplotlib's cycle)
+    lets a score keep its colour across figures.
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
@@ -527,7 +597,8 @@ def roc_scores(
     check(len(ind) == len(ood), "One row of confidences per score, for InD and OoD")
     names = _score_names(scores_and_layers, len(ind))
     labels = np.concatenate((np.zeros(ind.shape[1], bool), np.ones(ood.shape[1], bool)))
-    colors = cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    if colors is None:
+        colors = _score_colors(len(ind))
 
     ax.plot([0, 1], [0, 1], "k--", lw=0.5)
     for conf_ind, conf_ood, name, color in zip(ind, ood, names, colors):
@@ -550,6 +621,14 @@ def roc_scores(
     return ax
 
 
+def _score_colors(n_scores: int) -> list[Any]:
+    """One colour per score index, from matplotlib's colour cycle."""
+    import matplotlib.pyplot as plt
+
+    cycle_colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle_colors[i % len(cycle_colors)] for i in range(n_scores)]
+
+
 def _legend_flags(legend: bool | tuple[bool, bool]) -> tuple[bool, bool]:
     if isinstance(legend, tuple | list):
         hist, roc = legend
@@ -561,7 +640,8 @@ def summary_plot(
     confs_ind: npt.ArrayLike,
     confs_oods: Sequence[npt.ArrayLike],
     *,
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None = None,
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None = None,
+    keep: npt.ArrayLike | None = None,
     oods_title: Sequence[str] | None = None,
     legend: bool | tuple[bool, bool] = True,
     convex_hull: bool = False,
@@ -574,9 +654,15 @@ def summary_plot(
     """One figure: top row, a histogram of confidences per score (:func:`histogram_oods`);
     bottom row, the ROC curves of every score per OoD set (:func:`roc_scores`).
 
+    The figure is sized from its content (panels of about 3.4 × 3 in, wrapped titles) and the
+    ROC legend sits below the ROC panels, so it never covers the curves; every score keeps
+    the colour of its index in ``confs_ind``, also when ``keep`` selects some of them.
+
     Args:
-        legend: ``bool`` or a ``(histograms, ROCs)`` pair; only the leftmost legends are
-            drawn.
+        keep: show only these scores (integer indexes in any order, or a boolean mask; e.g.
+            from :func:`topk_evals`).
+        legend: ``bool`` or a ``(histograms, ROCs)`` pair; only the leftmost histogram
+            legend is drawn.
         convex_hull: draw the ROC convex hulls (``show_convex_hull`` is the older name).
         show: ``plt.show(block=block)`` at the end.
         save: path where the figure is saved (any matplotlib format).
@@ -586,20 +672,45 @@ def summary_plot(
     Returns:
         The figure.
     """
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     ind = np.atleast_2d(np.asarray(confs_ind, dtype=np.float64))
     oods = [np.atleast_2d(np.asarray(c, dtype=np.float64)) for c in confs_oods]
-    n_scores, n_oods = len(ind), len(oods)
-    check(n_scores > 0 and n_oods > 0, "Need at least one score and one OoD set")
+    check(
+        len(ind) > 0 and len(oods) > 0,
+        f"Need at least one score and one OoD set (got {len(ind)} scores, {len(oods)} OoD sets)",
+    )
     pairs = list(scores_and_layers) if scores_and_layers is not None else None
+    names = _score_names(pairs, len(ind))
+    all_colors = _score_colors(len(ind))
+    rows = _kept_rows(keep, len(ind))
+    ind, oods = ind[rows], [ood[rows] for ood in oods]
+    names, colors = [names[i] for i in rows], [all_colors[i] for i in rows]
+    if pairs is None:
+        names = [f"Score {i + 1}" for i in rows]
+    n_scores, n_oods = len(ind), len(oods)
+    check(n_scores > 0, "`keep` must select at least one score")
     titles = _ood_names(oods_title, n_oods)
     hist_legend, roc_legend = _legend_flags(legend)
     hist_kw = {"bins": 30, "stat": "density", "common_norm": False, **hist_kw}
     hist_kw.pop("ax", None)
     hist_kw.pop("legend", None)
 
-    fig = plt.figure()
+    panel_w, panel_h = 3.4, 3.0
+    n_wide = max(n_scores, n_oods)
+    wrap = max(16, int(panel_w * n_wide / n_scores * 11))  # characters per title line
+    wrapped = ["\n".join(textwrap.fill(line, wrap) for line in n.split("\n")) for n in names]
+    title_lines = max(t.count("\n") + 1 for t in wrapped)
+    legend_rows = math.ceil(n_scores / min(n_scores, max(1, n_oods * 2))) if roc_legend else 0
+    fig = plt.figure(
+        figsize=(
+            max(6.4, panel_w * n_wide),
+            2 * panel_h + 0.18 * (title_lines - 1) + 0.25 * legend_rows + 0.6,
+        ),
+        layout="constrained",
+    )
     n_cols = math.lcm(n_scores, n_oods)
     grid = fig.add_gridspec(2, n_cols)
     hist_axes: list[Axes] = []
@@ -610,13 +721,12 @@ def summary_plot(
             ind[i],
             [ood[i] for ood in oods],
             oods_title=oods_title,
-            score_and_layers=None if pairs is None else pairs[i],
+            score_and_layers=wrapped[i],
             ax=ax,
             legend=hist_legend and i == 0,
             **hist_kw,
         )
-        if pairs is None:
-            ax.set_title(f"Score {i + 1}")
+        ax.title.set_fontsize("small")
         ax.set_yticks([])
         if i > 0:
             ax.set_ylabel("")
@@ -630,12 +740,13 @@ def summary_plot(
         roc_scores(
             ind,
             oods[j],
-            scores_and_layers=pairs,
+            scores_and_layers=names,
             ood_title=titles[j],
             legend=roc_legend and j == 0,
             convex_hull=convex_hull,
             show_convex_hull=show_convex_hull,
             ax=ax,
+            colors=colors,
         )
         ax.set_aspect("auto")
         if j > 0:
@@ -650,9 +761,19 @@ def summary_plot(
         hist_leg.get_frame().set_edgecolor("0.6")
         hist_leg.get_frame().set_alpha(0.9)
     roc_leg = roc_axes[0].get_legend()
-    if roc_leg is not None:
-        roc_leg.get_frame().set_edgecolor("0.6")
-    fig.subplots_adjust(0.045, 0.06, 0.98, 0.94, wspace=0.05, hspace=0.35)
+    if roc_leg is not None:  # below the ROC panels, so it never covers a curve
+        handles = [h for h in roc_leg.legend_handles if h is not None]
+        texts = [t.get_text() for t in roc_leg.get_texts()]
+        roc_leg.remove()
+        legend_out = fig.legend(
+            handles,
+            texts,
+            title="Scores",
+            loc="outside lower center",
+            ncols=min(len(texts), max(1, n_oods * 2)),
+            fontsize="small",
+        )
+        legend_out.get_frame().set_edgecolor("0.6")
     if save is not None:
         fig.savefig(save)
     if show:
@@ -679,9 +800,10 @@ def summary(
     confs_ind: npt.ArrayLike,
     confs_oods: Sequence[npt.ArrayLike],
     *,
-    scores_and_layers: Sequence[ScoreClassifAndLayers] | None = None,
+    scores_and_layers: Sequence[ScoreClassifAndLayers | str] | None = None,
     oods_title: Sequence[str] | None = None,
     metrics: Sequence[BaseDiscriminativePower] | None = None,
+    topk: int = 0,
     baseline: int | None = None,
     optimal_only: bool = False,
     legend: bool | tuple[bool, bool] = True,
@@ -694,9 +816,12 @@ def summary(
 ) -> Figure:
     """:func:`summary_table` (when ``metrics`` are given) then :func:`summary_plot`.
 
-    With ``optimal_only`` (and ``metrics``), only scores reaching the best value for at
-    least one (OoD set, metric) are kept; the ``baseline`` score is left out of that
-    comparison but always kept. Other arguments are those of the two functions.
+    With ``metrics`` and ``0 < topk <= n_scores``, only the scores in the top ``topk`` of at
+    least one (OoD set, metric) are shown (:func:`topk_evals`, higher is better, the
+    ``baseline`` always kept), as in the reference; ``topk=0`` (default) shows every score.
+    ``optimal_only`` keeps the scores reaching the best value of at least one (OoD set,
+    metric) following each metric's ``higher_is_better``; the ``baseline`` score is left out
+    of that comparison but always kept. Other arguments are those of the two functions.
 
     Returns:
         The figure of :func:`summary_plot`.
@@ -709,25 +834,26 @@ def summary(
         baseline %= len(ind)
     if metrics:
         evals = compute_metrics(ind, oods, metrics)
+        rows: list[int] | None = None
         if optimal_only:
             rows = _optimal_rows(evals, metrics, baseline)
-            if baseline is not None:
-                baseline = rows.index(baseline)
-            evals, ind = evals[rows], ind[rows]
-            oods = [ood[rows] for ood in oods]
-            if pairs is not None:
-                pairs = [pairs[i] for i in rows]
+        elif 0 < topk <= len(ind):
+            rows = [int(i) for i in topk_evals(evals, topk, baseline=baseline)]
         summary_table(
             evals,
             scores_and_layers=pairs,
+            keep=rows,
             oods_title=oods_title,
             metrics=metrics,
             baseline=baseline,
         )
+    else:
+        rows = None
     return summary_plot(
         ind,
         oods,
         scores_and_layers=pairs,
+        keep=rows,
         oods_title=oods_title,
         legend=legend,
         convex_hull=convex_hull,
