@@ -142,8 +142,11 @@ def test_ash_conv_net_matches_naive(dtype: torch.dtype, variant: str) -> None:
 
 
 def test_ash_parameter_checks() -> None:
-    for bad in (0.0, 100.0, -5.0, 150.0, math.nan, True, "65"):
-        with pytest.raises(ValueError, match=r"`percentile` must"):
+    for bad in (0.0, 100.0, -5.0, 150.0, math.nan, 0):
+        with pytest.raises(ValueError, match=r"`percentile` must lie in \(0, 100\)"):
+            ASH(percentile=bad)
+    for bad in (True, "65", None):
+        with pytest.raises(TypeError, match="`percentile`"):
             ASH(percentile=bad)
     with pytest.raises(ValueError, match=r"`variant` must be one of \('p', 'b', 's'\) \(got 'x'\)"):
         ASH(variant="x")

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from scio.recorder import Recorder
-from scio.scores import DICE
+from scio.scores import DICE, Energy
 from scio.scores.classification.dice import dice_mask
 
 
@@ -111,9 +111,24 @@ def test_dice_mask_keeps_the_largest_signed_contributions() -> None:
 
 
 def test_dice_parameter_checks() -> None:
-    for bad in (100.0, -1.0, 150.0, math.nan, True, "90"):
-        with pytest.raises(ValueError, match=r"`p` must"):
+    for bad in (100.0, -1.0, 150.0, math.nan, 100):
+        with pytest.raises(ValueError, match=r"`p` must lie in \[0, 100\)"):
+            DICE(p=bad)
+    for bad in (True, "90"):
+        with pytest.raises(TypeError, match="`p`"):
             DICE(p=bad)
     with pytest.raises(ValueError, match=r"`readout` must be one of"):
         DICE(readout="entropy")
     assert DICE(p=0).p == 0
+
+
+def test_dice_without_sparsity_is_the_energy_score() -> None:
+    generator = torch.Generator().manual_seed(5)
+    net = make_net()
+    calib = torch.rand(10, 1, 4, 4, generator=generator)
+    test = torch.rand(6, 1, 4, 4, generator=generator)
+    rnet = Recorder(net, input_data=calib[[0]])
+    rnet.record((1, 4))
+    _, dice = DICE(p=0.0).fit(rnet, calib, None)(test)
+    _, energy = Energy().fit(rnet, calib, None)(test)
+    torch.testing.assert_close(dice, energy, rtol=1e-5, atol=1e-5)

@@ -74,9 +74,11 @@ def test_scale_equals_ash_s_without_pruning_on_kept_features() -> None:
 
 
 def test_scale_parameter_checks() -> None:
-    for bad in (0.0, 100.0, -1.0, math.inf, math.nan, None):
-        with pytest.raises(ValueError, match=r"`percentile` must"):
+    for bad in (0.0, 100.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"`percentile` must lie in \(0, 100\)"):
             SCALE(percentile=bad)
+    with pytest.raises(TypeError, match="`percentile`"):
+        SCALE(percentile=None)
     with pytest.raises(ValueError, match=r"`readout` must be one of"):
         SCALE(readout="Energy")
     score = SCALE()
