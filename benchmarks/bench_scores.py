@@ -79,6 +79,13 @@ def _registry() -> dict[str, tuple[Callable[[], Any], tuple[tuple[int, int], ...
         "fDBD": (lambda: scores.fDBD(), (FEATURES,)),
         "NCI": (lambda: scores.NCI(), (FEATURES,)),
         "SHE": (lambda: scores.SHE(), (FEATURES,)),
+        "Entropy": (lambda: scores.Entropy(), ()),
+        "GEN": (lambda: scores.GEN(), ()),
+        "KLM": (lambda: scores.KLM(), ()),
+        "OpenMax": (lambda: scores.OpenMax(), ()),
+        "ASH": (lambda: scores.ASH(), (FEATURES,)),
+        "SCALE": (lambda: scores.SCALE(), (FEATURES,)),
+        "DICE": (lambda: scores.DICE(), (FEATURES,)),
     }
 
 

@@ -66,6 +66,13 @@ SCORE_FACTORIES: dict[str, ScoreSpec] = {
     "fDBD": (S.fDBD, (FEATURES,)),
     "NCI": (S.NCI, (FEATURES,)),
     "SHE": (S.SHE, (FEATURES,)),
+    "Entropy": (S.Entropy, ()),
+    "GEN": (S.GEN, ()),
+    "KLM": (S.KLM, ()),
+    "OpenMax": (S.OpenMax, ()),
+    "ASH": (S.ASH, (FEATURES,)),
+    "SCALE": (S.SCALE, (FEATURES,)),
+    "DICE": (S.DICE, (FEATURES,)),
 }
 DEFAULT_SCORES: tuple[str, ...] = tuple(SCORE_FACTORIES)
 
