@@ -232,8 +232,10 @@ def test_fit_checks_inputs_untouched_and_dataloader() -> None:
         FeatureSqueezing(squeezers=[]).fit(rnet, x)
     with pytest.raises(ValueError, match="^Squeezer 'blur:3' is not supported$"):
         FeatureSqueezing(squeezers="blur:3").fit(rnet, x)
+    with pytest.raises(TypeError, match=r"^Parameter `squeezers` of FeatureSqueezing must be"):
+        FeatureSqueezing(squeezers=1.5)  # rejected by the annotation check at construction
     with pytest.raises(TypeError, match=r"^Custom squeezers must be callable \(got 1.5\)$"):
-        FeatureSqueezing(squeezers=1.5).fit(rnet, x)
+        FeatureSqueezing(squeezers=[1.5]).fit(rnet, x)
     with pytest.raises(ValueError, match="is not a valid AggrName"):
         FeatureSqueezing(squeezers="bits:3", aggregation="median").fit(rnet, x)
     score = FeatureSqueezing(squeezers="bits:40").fit(rnet, x)  # validated when applied

@@ -203,8 +203,9 @@ def test_odds_unsupported_z_aggregation(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(odds_module, "ZAggr", _ZAggrPlus)
     net, calib, labels = _setup(n=12)
     rnet = Recorder(net, input_data=calib[[0]])
-    score = Odds(epsilon=0.1, noise_samples=2, z_aggregation="unexpected")
-    score.fit(rnet, calib, labels)
+    score = Odds(epsilon=0.1, noise_samples=2).fit(rnet, calib, labels)
+    # a value the annotation check rejects: bypass it to reach the defensive branch
+    score.__dict__["z_aggregation"] = "unexpected"
     msg = "Unsupported z-aggregation scheme: <_ZAggrPlus.NEW: 'unexpected'>"
     with pytest.raises(ValueError, match=re.escape(msg)):
         score(calib)

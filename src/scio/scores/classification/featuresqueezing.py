@@ -11,6 +11,7 @@ from torch import Tensor
 
 from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.input_grad import check_max_batch, row_chunks
 from scio.scores.utils import get_aggregator
 from scio.utils.enums import AggrNameLike
 from scio.utils.misc import check
@@ -21,6 +22,8 @@ __all__ = ["FeatureSqueezing", "SqueezerLike", "bits_squeeze", "median_squeeze"]
 SqueezerLike: TypeAlias = str | Callable[[Tensor], Tensor]
 
 _MEDIAN_AXES = {1: (1,), 2: (1, 2), 3: (2, 3)}
+#: Input elements squeezed and run through the network at once by default (``max_batch=None``).
+_MAX_SQUEEZED_ELEMENTS = 2**22
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,22 +149,32 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
         squeezers: one or several squeezers (required): ``"bits:<n>"`` →
             :func:`bits_squeeze` (``0 < n < 32``), ``"median:<size>"`` →
             :func:`median_squeeze` (``size >= 1``), or callables ``Tensor -> Tensor``
-            applied to the input batch.
+            applied to row chunks of the input batch (so they must act on each sample
+            independently).
         dist_norm: order of the distance between probability vectors (default 1).
         aggregation: how distances of several squeezers are combined: an aggregator name
             (``"max"`` by default, see :func:`scio.scores.utils.get_aggregator`) or a norm
             order.
+        max_batch: inputs squeezed and run through the network at once (``None``: as many
+            as fit in ``2**22`` input elements, at least one). Changing it keeps the score
+            fit; ``repr`` shows it only when set.
         act_norm: unused.
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 
     Cost: nothing at calibration (no forward pass, labels ignored). Inference: ``1 +
-    #squeezers`` forwards; the median squeezer materialises ``size**k`` values per input
-    element (``k`` filtered axes) for the median selection.
+    #squeezers`` forwards: the plain one on the caller's batch, the squeezed ones on row
+    chunks of at most ``max_batch`` inputs, one squeezer at a time, so at most one chunk's
+    squeezed copy and forward are alive, whatever the batch size and number of squeezers.
+    The median squeezer materialises ``size**k`` values per input element of the chunk
+    (``k`` filtered axes) for the median selection.
     """
 
     squeezers: SqueezerLike | Iterable[SqueezerLike]
     dist_norm: float = 1.0
     aggregation: AggrNameLike | float = "max"
+    max_batch: int | None = None
+
+    _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
 
     @property
     def squeezers_fn(self) -> tuple[Callable[[Tensor], Tensor], ...]:
@@ -172,6 +185,9 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         if attr == "squeezers":
             self.__dict__.pop("_squeezers_fn", None)
+        if attr == "max_batch":  # a memory bound only: the score stays fit
+            check_max_batch(future_val)
+            return
         super()._on_param_will_be_set(attr, future_val)
 
     def _check_params(self, n_calib: int) -> None:
@@ -179,16 +195,24 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
         fns = parse_squeezers(self.squeezers)
         check(len(fns) > 0)
         get_aggregator(self.aggregation)  # invalid names raise ValueError now
+        check_max_batch(self.max_batch)
         self._squeezers_fn = fns
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)
         work = _work_dtype(out.dtype)
         probs = torch.softmax(out, dim=1, dtype=work)
-        distances = []
-        for squeeze in self.squeezers_fn:
-            squeezed = self.rnet(squeeze(inputs), dont_record=True)
-            diff = probs - torch.softmax(squeezed, dim=1, dtype=work)
-            distances.append(torch.linalg.vector_norm(diff, ord=self.dist_norm, dim=1))
-        aggregated = get_aggregator(self.aggregation)(torch.stack(distances, dim=1), dim=1)
+        squeezers = self.squeezers_fn
+        per_pass = self.max_batch
+        if per_pass is None:
+            numel = max(1, inputs[0].numel()) if len(inputs) else 1
+            per_pass = max(1, _MAX_SQUEEZED_ELEMENTS // numel)
+        distances = probs.new_empty((len(inputs), len(squeezers)))
+        for rows in row_chunks(len(inputs), per_pass):
+            chunk = inputs[rows]
+            for j, squeeze in enumerate(squeezers):
+                squeezed = self.rnet(squeeze(chunk), dont_record=True)
+                diff = probs[rows] - torch.softmax(squeezed, dim=1, dtype=work)
+                distances[rows, j] = torch.linalg.vector_norm(diff, ord=self.dist_norm, dim=1)
+        aggregated = get_aggregator(self.aggregation)(distances, dim=1)
         return out, (-aggregated).to(out.dtype)

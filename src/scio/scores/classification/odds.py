@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,12 +12,13 @@ from torch import Tensor
 from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.input_grad import check_max_batch
 from scio.utils.enums import ZAggr, ZAggrLike
 from scio.utils.misc import check
 
 __all__ = ["Odds"]
 
-#: Input elements of one noisy forward pass (chunks hold at least one sample's copies).
+#: Input elements of one noisy forward pass by default (``max_batch=None``), at least one copy.
 _MAX_NOISY_ELEMENTS = 2**22
 #: Elements of one ``(chunk, C, C)`` z-score block at inference.
 _MAX_Z_ELEMENTS = 2**24
@@ -29,6 +32,52 @@ def _splits_exactly(device: torch.device) -> bool:
     """Whether ``rand(a + b)`` equals ``cat(rand(a), rand(b))`` for a generator on ``device``
     (true for torch's sequential CPU generator, not for counter-based CUDA generators)."""
     return device.type == "cpu"
+
+
+class _NoiseStream:
+    """The noise ``ε · (1 - 2·U)`` of consecutive noisy copies, drawn in a fixed order.
+
+    With ``block=None`` each :meth:`take` draws exactly the copies it returns (the generator
+    splits draws exactly); otherwise draws are made ``block`` copies at a time (one
+    sample's copies) and handed out piecewise, so the values never depend on how the copies
+    are chunked.
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        inputs: Tensor,
+        generator: torch.Generator | None,
+        block: int | None,
+    ) -> None:
+        self.epsilon, self.generator, self.block = epsilon, generator, block
+        self.shape, self.dtype, self.device = inputs.shape[1:], inputs.dtype, inputs.device
+        self._buffer: Tensor | None = None
+        self._used = 0
+
+    def _draw(self, copies: int) -> Tensor:
+        shape = (copies, *self.shape)
+        if self.generator is None:
+            u = torch.rand(shape, dtype=self.dtype, device=self.device)
+        else:
+            u = torch.rand(
+                shape, generator=self.generator, dtype=self.dtype, device=self.generator.device
+            )
+        return (self.epsilon * (1 - 2 * u)).to(self.device)
+
+    def take(self, copies: int) -> Tensor:
+        """Noise of the next ``copies`` copies, ``(copies, *sample_shape)``."""
+        if self.block is None:
+            return self._draw(copies)
+        parts = []
+        while copies > 0:  # off CPU only: one draw per sample
+            if self._buffer is None or self._used == len(self._buffer):
+                self._buffer, self._used = self._draw(self.block), 0
+            part = self._buffer[self._used : self._used + copies]
+            self._used += len(part)
+            copies -= len(part)
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Odds(StreamingCalibration, BaseScoreClassif):
@@ -53,75 +102,74 @@ class Odds(StreamingCalibration, BaseScoreClassif):
     Randomness: at each fit a generator on the calibration device is seeded with
     ``rng_seed`` (``None``: torch's global RNG); it keeps being consumed at inference (its
     state is the fitted attribute ``rng_state``, so two calls on the same inputs draw
-    different noise, as in the reference). The noise of calibration sample ``i`` is one
-    contiguous block of ``noise_samples`` draws, taken in sample order, so fitting from
-    batches gives exactly the noise of fitting from one tensor (on CPU one draw per chunk
-    of samples, which torch's CPU generator splits exactly; on other devices one draw per
-    sample, since counter-based generators do not). With ``rng_seed=None`` this holds only
-    if nothing else uses the global RNG meanwhile (e.g. a shuffling ``DataLoader``). The
-    noise order differs from the reference's class-by-class draws (same distribution).
+    different noise, as in the reference). The noise of sample ``i`` is one contiguous block
+    of ``noise_samples`` draws, taken in sample order, at calibration and at inference, so
+    neither the caller's batches nor ``max_batch`` change the noise: on CPU each forward
+    chunk draws exactly its copies (torch's CPU generator splits draws exactly); on other
+    devices one draw is made per sample (counter-based generators do not split). With
+    ``rng_seed=None`` this holds only if nothing else uses the global RNG meanwhile (e.g. a
+    shuffling ``DataLoader``). The noise order differs from the reference's class-by-class
+    draws (same distribution).
 
     Args:
         epsilon: noise amplitude (uniform in ``[-ε, ε]``).
         noise_samples: noisy copies per sample (``> 0``).
         z_aggregation: ``"sum"``, ``"detect"`` or ``"rectify"``.
         rng_seed: seed of the noise generator (``None``: global RNG).
+        max_batch: noisy copies per forward pass (``None``: as many as fit in ``2**22``
+            input elements, at least one). Changing it keeps the score fit and changes no
+            noise value; ``repr`` shows it only when set.
 
     Cost: ``noise_samples`` extra forward passes' worth of compute, at calibration and at
-    inference, run in chunks of at most ``2**22`` input elements (at least one sample's
-    copies). Calibration keeps only per-class running sums in float64 (``3 · C²`` values),
-    never activations or inputs; inference builds ``(n, C, C)`` z-scores by chunks.
+    inference (time linear in ``noise_samples``), run on chunks of ``max_batch`` copies of
+    the flattened (sample, copy) axis, each reduced at once: peak memory is one chunk's
+    forward plus ``O(n · C)`` running sums, independent of ``noise_samples``. Calibration
+    keeps only per-class running sums in float64 (``3 · C²`` values), never activations or
+    inputs; inference accumulates the noisy logits per sample in float64 and builds
+    ``(n, C, C)`` z-scores by chunks.
     """
 
     epsilon: float
     noise_samples: int = 256
     z_aggregation: ZAggrLike = "sum"
     rng_seed: int | None = 0
+    max_batch: int | None = None
 
     _fitted_attrs = ("avg", "var", "rng_state", "rng_device")
+    _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(self.noise_samples > 0)
         ZAggr(self.z_aggregation)
+        check_max_batch(self.max_batch)
+
+    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if attr == "max_batch":  # a memory bound only: the score stays fit
+            check_max_batch(future_val)
+            return
+        super()._on_param_will_be_set(attr, future_val)
 
     # -- noise --------------------------------------------------------------------------------
-    def _noise(
-        self, inputs: Tensor, generator: torch.Generator | None, *, per_sample: bool
-    ) -> Tensor:
-        """``ε · (1 - 2·U)`` for ``noise_samples`` copies of each sample, sample-major."""
-        shape = (self.noise_samples, *inputs.shape[1:])
-        dtype = inputs.dtype
-        if generator is None:
-            u = torch.rand((len(inputs), *shape), dtype=dtype, device=inputs.device)
-        elif per_sample and not _splits_exactly(generator.device):
-            u = torch.stack(
-                [
-                    torch.rand(shape, generator=generator, dtype=dtype, device=generator.device)
-                    for _ in range(len(inputs))
-                ]
-            )
-        else:
-            u = torch.rand(
-                (len(inputs), *shape), generator=generator, dtype=dtype, device=generator.device
-            )
-        noise = self.epsilon * (1 - 2 * u)
-        return noise.to(inputs.device).flatten(0, 1)
-
-    def _noisy_logits(
-        self, inputs: Tensor, generator: torch.Generator | None, *, per_sample: bool
-    ) -> Tensor:
-        """Logits of the noisy copies ``(n, noise_samples, C)``, by chunks of samples."""
-        per_sample_elements = self.noise_samples * max(1, inputs[0].numel() if len(inputs) else 1)
-        chunk = max(1, _MAX_NOISY_ELEMENTS // per_sample_elements)
-        parts = []
-        for start in range(0, len(inputs), chunk):
-            x = inputs[start : start + chunk]
-            noisy = x.repeat_interleave(self.noise_samples, dim=0)
-            noisy = noisy + self._noise(x, generator, per_sample=per_sample)
-            logits = self.rnet(noisy, dont_record=True)
-            parts.append(logits.reshape(len(x), self.noise_samples, -1))
-        return torch.cat(parts)
+    def _noisy_chunks(
+        self, inputs: Tensor, generator: torch.Generator | None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """For consecutive chunks of the ``n · noise_samples`` noisy copies (sample-major):
+        the sample index of each copy and the copies' logits."""
+        n_copies = self.noise_samples
+        per_pass = self.max_batch
+        if per_pass is None:
+            numel = max(1, inputs[0].numel()) if len(inputs) else 1
+            per_pass = max(1, _MAX_NOISY_ELEMENTS // numel)
+        device = inputs.device if generator is None else generator.device
+        block = None if _splits_exactly(device) else n_copies
+        noise = _NoiseStream(self.epsilon, inputs, generator, block)
+        total = len(inputs) * n_copies
+        for start in range(0, total, per_pass):
+            stop = min(start + per_pass, total)
+            rows = torch.arange(start, stop, device=inputs.device) // n_copies
+            noisy = inputs.index_select(0, rows) + noise.take(stop - start)
+            yield rows, self.rnet(noisy, dont_record=True)
 
     # -- calibration ----------------------------------------------------------------------------
     def _calib_start(self) -> None:
@@ -134,13 +182,16 @@ class Odds(StreamingCalibration, BaseScoreClassif):
         labels = validate_labels(batch.labels, len(batch), n_classes).to(out.device)
         if self.rng_seed is not None and self._calib_rng is None:
             self._calib_rng = torch.Generator(batch.inputs.device).manual_seed(self.rng_seed)
-        noisy = self._noisy_logits(batch.inputs, self._calib_rng, per_sample=True)
-        delta = noisy.to(torch.float64) - out.to(torch.float64).unsqueeze(1)  # (n, S, C)
-        g = delta - delta.gather(2, labels.view(-1, 1, 1).expand(-1, delta.shape[1], 1))
+        clean = out.to(torch.float64)
         sums = torch.zeros((n_classes, n_classes), dtype=torch.float64, device=out.device)
         squares = torch.zeros_like(sums)
-        sums.index_add_(0, labels, g.sum(dim=1))
-        squares.index_add_(0, labels, g.square().sum(dim=1))
+        for rows, logits in self._noisy_chunks(batch.inputs, self._calib_rng):
+            rows = rows.to(out.device)
+            copy_labels = labels[rows]
+            delta = logits.to(torch.float64) - clean[rows]  # (copies, C)
+            g = delta - delta.gather(1, copy_labels.unsqueeze(1))
+            sums.index_add_(0, copy_labels, g)
+            squares.index_add_(0, copy_labels, g.square())
         counts = torch.bincount(labels, minlength=n_classes).to(torch.float64)
         self._state.add("count", counts * self.noise_samples)
         self._state.add("sum", sums)
@@ -170,12 +221,14 @@ class Odds(StreamingCalibration, BaseScoreClassif):
             assert self.rng_device is not None
             generator = torch.Generator(self.rng_device)
             generator.set_state(self.rng_state)
-        noisy = self._noisy_logits(inputs, generator, per_sample=False)
+        n_classes = out.shape[1]
+        noisy_sum = torch.zeros((len(out), n_classes), dtype=torch.float64, device=out.device)
+        for rows, logits in self._noisy_chunks(inputs, generator):
+            noisy_sum.index_add_(0, rows.to(out.device), logits.to(torch.float64))
         if generator is not None:
             self.rng_state = generator.get_state()
         dtype = _upcast(out.dtype)
-        delta = noisy.to(dtype).mean(dim=1) - out.to(dtype)  # (n, C)
-        n_classes = out.shape[1]
+        delta = (noisy_sum / self.noise_samples).to(dtype) - out.to(dtype)  # (n, C)
         avg = self.avg.to(device=out.device, dtype=dtype)
         var = self.var.to(device=out.device, dtype=dtype)
         diagonal = torch.eye(n_classes, dtype=torch.bool, device=out.device)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.input_grad import DEFAULT_MAX_BATCH, by_chunks, check_max_batch, frozen_parameters
 from scio.scores.utils import batched_grad, fgm_direction
 from scio.utils.misc import check
 
@@ -41,25 +43,42 @@ class ODIN(NoCalibration, BaseScoreClassif):
         temperature: ``T > 0`` (required; the paper uses 1000).
         epsilon: perturbation magnitude (0 disables the input pre-processing).
         fgm_norm: norm of the perturbation, ``>= 1`` (default ``inf``).
+        max_batch: with ``epsilon != 0``, rows per gradient pass (``None``: the whole batch
+            at once). Bounds the autograd memory whatever the caller's batch size; results
+            do not depend on it (up to float rounding of the network's batched kernels).
+            Changing it keeps the score fit; ``repr`` shows it only when not the default.
         act_norm: unused (no recorded layer is read).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 
     Cost: nothing at calibration (no forward pass, labels ignored). Inference: one forward
-    with ``epsilon = 0``; otherwise one forward and one backward to the inputs, plus one
-    forward on the perturbed inputs (about 3 forwards, with the input-sized gradient in
-    memory). Unlike the reference, the caller's ``inputs`` are left untouched (their
-    ``requires_grad`` flag is not switched on: gradients are taken w.r.t. a detached view)
-    and the returned ``out`` (the logits of the unperturbed inputs) is detached.
+    with ``epsilon = 0``; otherwise three passes per chunk of ``max_batch`` inputs: one
+    forward building the graph (it also gives the returned ``out``), one backward to the
+    inputs only (the network's parameters are frozen meanwhile, every ``requires_grad``
+    flag restored afterwards, so no parameter gradient is computed or stored), and one
+    forward on the perturbed inputs; peak memory is the autograd state of one chunk. Unlike
+    the reference, the caller's ``inputs`` are left untouched (their ``requires_grad`` flag
+    is not switched on: gradients are taken w.r.t. a detached view) and the returned ``out``
+    (the logits of the unperturbed inputs) is detached.
     """
 
     temperature: float
     epsilon: float = 0.0
     fgm_norm: float = math.inf
+    max_batch: int | None = DEFAULT_MAX_BATCH
+
+    _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(self.temperature > 0)
         check(self.fgm_norm >= 1)
+        check_max_batch(self.max_batch)
+
+    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if attr == "max_batch":  # inference-only: the score stays fit
+            check_max_batch(future_val)
+            return
+        super()._on_param_will_be_set(attr, future_val)
 
     @property
     def _inference_needs_grad(self) -> bool:
@@ -70,6 +89,13 @@ class ODIN(NoCalibration, BaseScoreClassif):
         if self.epsilon == 0:
             out = self.rnet(inputs, dont_record=True)
             return out, _tempered_softmax(out, temperature)
+        with frozen_parameters(self.rnet.net):
+            out, conformity = by_chunks(self._perturbed, inputs, self.max_batch)
+        return out, conformity
+
+    def _perturbed(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(out, conformity)`` of one chunk: forward with graph, input backward, forward."""
+        temperature = self.temperature
         x = inputs.detach().requires_grad_()  # a new view: the caller's flag is unchanged
         out = self.rnet(x, dont_record=True)
         work = out.to(_work_dtype(out.dtype))
