@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -14,6 +15,7 @@ from torch import Tensor
 from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.input_grad import DEFAULT_MAX_BATCH, by_chunks, check_max_batch, frozen_parameters
 from scio.scores.utils import batched_grad, fgm_direction
 from scio.utils.misc import check
 
@@ -21,7 +23,7 @@ __all__ = ["DeepMahalanobis"]
 
 _F64 = torch.float64
 #: Hyper-parameters used at inference only: changing them keeps the score fit.
-_INFERENCE_PARAMS = frozenset({"epsilon", "fgm_norm", "weights"})
+_INFERENCE_PARAMS = frozenset({"epsilon", "fgm_norm", "weights", "max_batch"})
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,11 +169,15 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         epsilon: input perturbation magnitude (0 = none).
         fgm_norm: norm of the perturbation step (``>= 1``; ``inf`` = sign of the gradient).
         weights: one weight per recorded layer (default: all ones).
+        max_batch: with ``epsilon != 0``, rows per gradient pass (``None``: the whole batch
+            at once); bounds the autograd memory whatever the caller's batch size, results
+            do not depend on it (up to float rounding). ``repr`` shows it only when not the
+            default.
 
-    Changing ``epsilon``, ``fgm_norm`` or ``weights`` keeps the score fit. ``fgm_norm`` is
-    checked at fit and, when ``epsilon != 0``, at inference (the reference checked the
-    previous value on assignment); a ``weights`` length that differs from the number of
-    recorded layers raises ``ValueError`` at inference.
+    Changing ``epsilon``, ``fgm_norm``, ``weights`` or ``max_batch`` keeps the score fit.
+    ``fgm_norm`` is checked at fit and, when ``epsilon != 0``, at inference (the reference
+    checked the previous value on assignment); a ``weights`` length that differs from the
+    number of recorded layers raises ``ValueError`` at inference.
 
     Cost: calibration memory ``O(C·d + d²)`` per layer (float64; batches are converted to
     float64 by chunks of ``2**24`` elements, so ``n`` never enters), one ``d × d``
@@ -180,7 +186,10 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     ``UserWarning``), naming the layer, its flattened size, the estimate and the fix.
     Inference: per layer one ``(n × d)·(d × r)`` and one ``(n × r)·(r × C)`` product
     (float32, float64 for float64 inputs); no extra forward pass when ``epsilon == 0``,
-    otherwise one backward and one extra forward per recorded layer. Fitted state (float64,
+    otherwise, per chunk of ``max_batch`` inputs, one forward building the graph (it also
+    gives ``out``), then per recorded layer one backward to the inputs only (parameters
+    frozen meanwhile, every ``requires_grad`` flag restored) and one forward on the perturbed
+    inputs; peak memory is the autograd state of one chunk. Fitted state (float64,
     per layer): ``means`` (NaN rows for absent classes), ``center`` (``μ̄``), ``whitening``
     (``W``) and ``means_white`` (``μ̃``).
     """
@@ -188,6 +197,9 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     epsilon: float = 0.0
     fgm_norm: float = math.inf
     weights: Sequence[float] | None = None
+    max_batch: int | None = DEFAULT_MAX_BATCH
+
+    _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
 
     #: Relative variant (Ren et al.): subtract the distance to a background Gaussian.
     _relative: ClassVar[bool] = False
@@ -200,6 +212,8 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         check(self.fgm_norm >= 1)
 
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if attr == "max_batch":
+            check_max_batch(future_val)
         if attr in _INFERENCE_PARAMS:
             return
         super()._on_param_will_be_set(attr, future_val)
@@ -395,6 +409,13 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
 
     def _perturbed_d2(self, inputs: Tensor, cdtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
         check(self.fgm_norm >= 1)
+        chunk = functools.partial(self._perturbed_chunk, cdtype=cdtype)
+        with frozen_parameters(self.rnet.net):
+            out, *d2 = by_chunks(chunk, inputs, self.max_batch)
+        return out, d2
+
+    def _perturbed_chunk(self, inputs: Tensor, cdtype: torch.dtype) -> tuple[Tensor, ...]:
+        """``(out, d2 of layer 0, d2 of layer 1, ...)`` on perturbed copies of one chunk."""
         x = inputs.detach().requires_grad_()  # alias: the caller's tensor is left untouched
         out = self.rnet(x)
         layer_ids = tuple(self.rnet.activations.keys())
@@ -417,10 +438,10 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
                     f"{layer_ids[layer] if layer < len(layer_ids) else layer} ({exc}). "
                     "Continuing without adversarial reinforcement",
                     UserWarning,
-                    stacklevel=5,
+                    stacklevel=7,
                 )
             with torch.no_grad():
                 self.rnet(x_adv)
                 adv_feats = self.activations()[layer]
                 d2.append(self._class_d2(layer, adv_feats.reshape(len(adv_feats), -1).to(cdtype)))
-        return out.detach(), d2
+        return (out.detach(), *d2)
