@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scio.scores.calibration import CalibBatch, CalibState, as_batches, concat_labels
 from scio.scores.utils import normalize_samples
-from scio.scores.validation import check_device, check_inputs, eval_mode
+from scio.scores.validation import check_device, check_dtype, check_inputs, eval_mode
 from scio.utils.misc import ScoreTimer, check
 from scio.utils.params import MISSING, ParamClass
 
@@ -155,9 +155,32 @@ class BaseScore(ParamClass):
         from scio.scores.distributed import resolve_group
 
         group = resolve_group(distributed)
+        if (
+            isinstance(self, NoCalibration)
+            and group is None
+            and not hasattr(self, "_calib_prepare")
+        ):
+            return self._fit_without_data(rnet, calib_data)  # nothing to learn nor bind
+        _check_recorder(rnet, self)
         batches, n_known = as_batches(calib_data, calib_labels)
         stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in batches)
         return self._fit_stream(rnet, stream, n_known, group=group)
+
+    def _fit_without_data(self, rnet: Any, calib_data: Any) -> BaseScore:
+        """Fit a score with nothing to learn: as the reference, ``rnet`` is stored without
+        inspection and any ``calib_data`` / labels are accepted (a tensor still sets the input
+        shape checked at inference and saved with the score)."""
+        start = perf_counter()
+        example, n = _example_batch(calib_data)
+        self._check_params(n)
+        self.unfit()
+        self._rnet = rnet
+        self._fit_input_shape = tuple(example.shape[1:]) if example is not None else None
+        self._fit_input_dtype = example.dtype if example is not None else torch.float32
+        self._fit_n_samples = n
+        self.timer.add("calibration", n, perf_counter() - start)
+        self._is_fit = True
+        return self
 
     def _fit_stream(
         self,
@@ -224,6 +247,13 @@ class BaseScore(ParamClass):
         self, activations: tuple[Tensor, ...], *, concatenate: bool = False
     ) -> tuple[Tensor, ...]:
         """Apply ``act_norm`` to raw activations (optionally flattened and concatenated)."""
+        if not activations:
+            msg = (
+                f"{type(self).__name__} needs at least one recorded layer, but its Recorder "
+                "records none: call `rnet.record(...)` with the layers to use (listed by "
+                "`print(rnet)`) before `fit`"
+            )
+            raise ValueError(msg)
         if concatenate:
             activations = (torch.cat([a.reshape(len(a), -1) for a in activations], dim=1),)
         return tuple(normalize_samples(a, ord=self.act_norm) for a in activations)
@@ -314,11 +344,16 @@ class FitSession:
         self.input_dtype = batch.inputs.dtype
         if self.n_samples == 0:
             check_device(batch.inputs, self.score.rnet.net, name="calib_data")
+            check_dtype(batch.inputs, self.score.rnet.net, name="calib_data")
         if not self._prepared:
             self.prepare(batch.inputs)
         grad = torch.enable_grad() if self._grad else torch.no_grad()
         with grad, eval_mode(self.score.rnet.net):
-            self.score._calib_update(batch)
+            try:
+                self.score._calib_update(batch)
+            except RuntimeError as exc:
+                _explain_shape_mismatch(exc, batch.inputs, self.score.rnet)
+                raise
         self.n_samples += len(batch)
         self.duration += perf_counter() - start
 
@@ -377,6 +412,62 @@ class StreamingCalibration:
 
     def _calib_end(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+def _example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
+    """A batch of ``calib_data`` (its first, for a stream) and the number of samples when
+    known; ``(None, 0)`` for anything else (e.g. ``[]``)."""
+    if isinstance(calib_data, Tensor):
+        return (calib_data, len(calib_data)) if calib_data.ndim and len(calib_data) else (None, 0)
+    if not isinstance(calib_data, Iterable) or isinstance(calib_data, str | bytes):
+        return None, 0
+    first = next(iter(calib_data), None)
+    if isinstance(first, tuple | list) and first:
+        first = first[0]
+    if not isinstance(first, Tensor) or not first.ndim:
+        return None, 0
+    dataset = getattr(calib_data, "dataset", calib_data)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = len(first)
+    return first, n
+
+
+def _explain_shape_mismatch(exc: RuntimeError, inputs: Tensor, rnet: Any) -> None:
+    """If a forward failed on samples of another shape than the Recorder was built with,
+    raise an error that says so (chained to the original one)."""
+    summary = getattr(rnet, "summary", None)
+    built = getattr(summary, "input_size", None)
+    if isinstance(built, list) and len(built) == 1:
+        built = built[0]
+    if not isinstance(built, tuple | torch.Size) or len(built) < 1:
+        return
+    expected, got = tuple(built)[1:], tuple(inputs.shape[1:])
+    if expected == got:
+        return
+    msg = (
+        f"The forward pass failed on `calib_data` samples of shape {got}, but the Recorder was "
+        f"built for samples of shape {expected}: build it with "
+        "`Recorder(net, input_data=calib_data[:1])`"
+    )
+    raise RuntimeError(msg) from exc
+
+
+def _check_recorder(rnet: Any, score: BaseScore) -> None:
+    """One sentence saying what to do when ``rnet`` is not a :class:`Recorder`."""
+    from scio.recorder import Recorder
+
+    if isinstance(rnet, Recorder):
+        return
+    plain = isinstance(rnet, torch.nn.Module)
+    what = f"a plain nn.Module, {type(rnet).__name__}" if plain else type(rnet).__name__
+    msg = (
+        f"`rnet` must be a scio Recorder (got {what}): wrap your network with "
+        f"`rnet = Recorder(net, input_data=calib_data[:1])`, record the layers "
+        f"{type(score).__name__} uses with `rnet.record(...)`, then call `fit(rnet, ...)`"
+    )
+    raise TypeError(msg)
 
 
 class NoCalibration(StreamingCalibration):

@@ -197,6 +197,12 @@ def as_batches(
         )
         raise TypeError(msg)
     if calib_labels is not None:
+        if hasattr(calib_data, "__array__") and hasattr(calib_data, "shape"):
+            msg = (
+                "`calib_data` must be a torch.Tensor when `calib_labels` are given (got "
+                f"{type(calib_data).__name__}): convert it with `torch.as_tensor(calib_data)`"
+            )
+            raise TypeError(msg)
         msg = (
             "`calib_labels` must be None when `calib_data` is an iterable of batches "
             "(labels come with each batch)"

@@ -9,11 +9,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["check_device", "check_inputs", "eval_mode"]
+__all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode"]
 
 
 def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str) -> None:
-    """Raise a clear error unless ``inputs`` is a non-empty floating tensor batch.
+    """Raise a clear error unless ``inputs`` is a non-empty tensor batch.
+
+    Any dtype is accepted, as in the reference (e.g. integer token ids for a network that
+    embeds them); :func:`check_dtype` catches a floating dtype the network does not use.
 
     Args:
         inputs: the batch to check.
@@ -22,9 +25,6 @@ def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str
     """
     if not isinstance(inputs, Tensor):
         msg = f"`{name}` must be a torch.Tensor (got {type(inputs).__name__})"
-        raise TypeError(msg)
-    if not inputs.is_floating_point():
-        msg = f"`{name}` must have a floating dtype (got {inputs.dtype})"
         raise TypeError(msg)
     if inputs.ndim == 0 or len(inputs) == 0:
         msg = f"`{name}` must hold at least one sample (got shape {tuple(inputs.shape)})"
@@ -46,6 +46,25 @@ def check_device(inputs: Tensor, net: nn.Module, *, name: str) -> None:
                 f"move one of them (e.g. `{name}.to({str(param.device)!r})`)"
             )
             raise ValueError(msg)
+        return
+
+
+def check_dtype(inputs: Tensor, net: nn.Module, *, name: str) -> None:
+    """Raise ``RuntimeError`` (torch's error type for this mismatch) if floating ``inputs``
+    do not have the floating dtype of ``net``'s first floating parameter."""
+    if not inputs.is_floating_point():
+        return
+    for param in net.parameters():
+        if not param.is_floating_point():
+            continue
+        if param.dtype != inputs.dtype:
+            kind = str(param.dtype).removeprefix("torch.")
+            msg = (
+                f"`{name}` is {str(inputs.dtype).removeprefix('torch.')} but the network "
+                f"computes in {kind}: convert the inputs with `{name}.to(torch.{kind})` (or "
+                f"the network with `net.to({inputs.dtype!s})`)"
+            )
+            raise RuntimeError(msg)
         return
 
 
