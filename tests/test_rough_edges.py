@@ -93,3 +93,18 @@ def test_recorder_built_for_another_input_shape() -> None:
         r"for samples of shape \(16,\): build it with `Recorder\(net, input_data=calib_data",
     ):
         KNN(k=2).fit(rnet, torch.rand(10, 1, 5, 5), torch.zeros(10, dtype=torch.long))
+
+
+def test_confidence_is_the_conformity_at_the_predicted_class() -> None:
+    calib, labels = _data()
+    rnet = Recorder(make_net(), input_data=calib[:1])
+    rnet.record((1, 2))
+    score = KNN(k=3, mode="diff").fit(rnet, calib, labels)
+    out, conformity = score(calib[:7])
+    expected = torch.tensor(
+        [float(conformity[i, int(out[i].argmax())]) for i in range(7)], dtype=conformity.dtype
+    )
+    confidence = score.confidence(calib[:7])
+    assert confidence.shape == (7,)
+    torch.testing.assert_close(confidence, expected, rtol=0, atol=0)
+    assert (confidence >= 0).all()  # diff mode: only the predicted class is non-negative

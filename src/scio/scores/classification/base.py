@@ -57,6 +57,15 @@ class BaseScoreClassif(BaseScore):
             return
         super()._on_param_will_be_set(attr, future_val)
 
+    def confidence(self, inputs: Tensor) -> Tensor:
+        """One confidence per input: the conformity at the predicted class ``(n,)``.
+
+        ``out, conformity = score(inputs)`` then ``conformity[i, out[i].argmax()]``, which is
+        what ``scio.eval`` ranks; higher means more in-distribution.
+        """
+        out, conformity = self(inputs)
+        return conformity.gather(1, out.argmax(dim=1, keepdim=True)).squeeze(1)
+
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, conformity = self.get_conformity(inputs)
         if conformity.ndim == 1:
