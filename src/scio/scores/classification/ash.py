@@ -96,8 +96,8 @@ class ASH(HeadMixin, NoCalibration, BaseScoreClassif):
     ``readout`` of the head's logits ``W h' + b`` (energy ``logsumexp`` in the paper).
 
     Args:
-        percentile: pruning percentile, ``0 < percentile < 100`` (default 65, the paper's
-            ImageNet ASH-S setting; 90 for CIFAR).
+        percentile: pruning percentile, ``0 < percentile < 100`` (default 65; the paper
+            tunes it per variant and dataset, between 60 and 90).
         variant: ``"s"`` (default), ``"p"`` or ``"b"``.
         readout: how the shaped logits are read, see :mod:`scio.scores.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).

@@ -54,7 +54,8 @@ class DICE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     conformity = the ``readout`` of ``(M ⊙ W) h + b`` (energy in the paper).
 
     Args:
-        p: sparsity percentage, ``0 <= p < 100`` (default 90, the paper's value).
+        p: sparsity percentage, ``0 <= p < 100`` (default 90, as in the paper's CIFAR
+            experiments).
         readout: how the sparsified logits are read, see :mod:`scio.scores.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).
         head: module name of the linear head (``None``: discovered after the recorded

@@ -73,9 +73,9 @@ class GEN(NoCalibration, BaseScoreClassif):
 
     Args:
         gamma: ``γ`` in ``(0, 1)`` (default 0.1, the paper's value).
-        M: number of top classes summed (``None``: every class; the paper uses 10 for
-            ImageNet-1K and all classes for CIFAR). Must not exceed the number of classes
-            (checked at inference).
+        M: number of top classes summed (``None``: every class; the paper restricts it on
+            many-class data sets such as ImageNet-1K). Must not exceed the number of
+            classes (checked at inference).
         act_norm: unused (no recorded layer is read).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 

@@ -182,7 +182,7 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
         alpha: number of top classes revised (``>= 1``, default 10; at most the number of
             classes is used).
         distance: ``"euclidean"`` (the paper's formula, default), ``"cosine"`` or
-            ``"eucos"`` (``euclidean / 200 + cosine``, the authors' ImageNet setting).
+            ``"eucos"`` (``euclidean / 200 + cosine``, the authors' released code).
         act_norm: unused (the activation vector is the network output).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 

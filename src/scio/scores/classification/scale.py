@@ -41,7 +41,8 @@ class SCALE(HeadMixin, NoCalibration, BaseScoreClassif):
     conformity = the ``readout`` of ``W h' + b`` (energy in the paper).
 
     Args:
-        percentile: ``0 < percentile < 100`` (default 65; the paper uses 85 on ImageNet).
+        percentile: ``0 < percentile < 100`` (default 65; the paper tunes it per dataset,
+            e.g. 85 on ImageNet).
         readout: how the shaped logits are read, see :mod:`scio.scores.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).
         head: module name of the linear head (``None``: discovered after the recorded
