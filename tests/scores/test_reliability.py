@@ -209,7 +209,30 @@ def test_nan_and_inf_inputs(entry: Entry) -> None:
         assert conformity.shape == (8, 3)
         if entry.name != "Odds":  # Odds draws fresh noise at every call
             _, clean = score(test[1:])
-            torch.testing.assert_close(conformity[1:], clean, equal_nan=True)
+            # Trust's class distances d² = |x|² + |y|² - 2·x·y come from float32 GEMMs whose
+            # blocking depends on the batch size; the cancellation amplifies float32 rounding
+            # (each result is ~1.3e-5 relative from the float64 value on these features), so
+            # two batch sizes may differ by twice that: rtol 1e-4 = that bound with margin.
+            tol = {"rtol": 1e-4, "atol": 1e-6} if entry.name == "Trust" else {}
+            torch.testing.assert_close(conformity[1:], clean, equal_nan=True, **tol)
+
+
+def test_trust_batch_rounding_is_float32_gemm_error() -> None:
+    """The tolerance above is justified: both batch sizes are within float32 error of the
+    float64 computation of the same score (batch-independent math)."""
+    import copy
+
+    entry = next(e for e in CATALOGUE if e.name == "Trust")
+    net = make_net()
+    calib, labels, test = _data()
+    score32 = _fit(entry, net, calib, labels)
+    score64 = _fit(entry, copy.deepcopy(net).double(), calib.double(), labels)
+    _, exact = score64(test[1:].double())
+    _, alone = score32(test[1:])
+    _, in_batch = score32(test)
+    for result in (alone, in_batch[1:]):
+        relative = ((result.double() - exact).abs() / exact.abs()).max()
+        assert relative < 5e-5
 
 
 # -- no side effects -------------------------------------------------------------------------
