@@ -150,6 +150,9 @@ class ParamClass(metaclass=_ParamMeta):
     #: Parameters added by scio on top of the reference API: ``repr`` shows them only when
     #: they differ from their default, so reprs of reference configurations are unchanged.
     _extension_params: ClassVar[frozenset[str]] = frozenset()
+    #: Check assigned values against the annotations (off for classes that validate their
+    #: parameters themselves with the reference's own exception types).
+    _check_annotations: ClassVar[bool] = True
 
     def __init__(self, *post_init: Any, **params: Any) -> None:
         unknown = [name for name in params if name not in self._param_names]
@@ -225,7 +228,7 @@ class ParamClass(metaclass=_ParamMeta):
 
     def _check_param_value(self, name: str, value: Any) -> None:
         """Raise if ``value`` does not fit the annotation of parameter ``name``."""
-        if value is MISSING:
+        if value is MISSING or not self._check_annotations:
             return
         annotation = type(self)._annotation_of(name)
         if _accepts(annotation, value) is not False:

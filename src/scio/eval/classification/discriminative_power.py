@@ -85,6 +85,9 @@ class BaseDiscriminativePower(ParamClass):
     The class attribute :attr:`higher_is_better` tells summaries which way is better.
     """
 
+    # parameters are validated by ``_check_params`` with the reference's exception types
+    _check_annotations: ClassVar[bool] = False
+
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
