@@ -119,3 +119,40 @@ def test_fgm_direction_half_precision_check_trips() -> None:
     assert out.dtype == torch.float16
     norms = torch.linalg.vector_norm(out.float(), ord=1.01, dim=1)
     assert (norms - 1).abs().max() > 4e-3  # beyond the half tolerance: the check was right
+
+
+def test_knn_label_count_ip_ties_as_faiss_explicit() -> None:
+    """Inner products [1, 0, 1, 1, 2, 1], k = 3: faiss keeps id 4 (value 2), then among the
+    ids tied at 1 those met while fewer than 3 values >= 1 were seen (0, 2, 3), the highest
+    ones: {2, 3}. The lowest-id rule would give {0, 2}."""
+    population = torch.tensor([[1.0], [0.0], [1.0], [1.0], [2.0], [1.0]])
+    index = Index(dim=1, metric="ip")
+    index.add(population)
+    counts = knn_label_count(index, torch.arange(6), 6, 3, torch.ones(1, 1))
+    assert counts.tolist() == [[0, 0, 1, 1, 1, 0]]
+
+
+def test_knn_label_count_ties_match_faiss_backend() -> None:
+    """Heavily tied integer data (exact products): same counts as the reference's faiss."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(15):
+        n = int(torch.randint(5, 60, (), generator=generator))
+        d = int(torch.randint(1, 4, (), generator=generator))
+        population = torch.randint(-2, 3, (n, d), generator=generator).float()
+        queries = torch.cat(
+            [population, torch.randint(-2, 3, (25, d), generator=generator).float()]
+        )
+        labels = torch.randint(0, 4, (n,), generator=generator)
+        for metric in ("ip", "l2"):
+            ours, ref = Index(dim=d, metric=metric), Index(dim=d, metric=metric, backend="faiss")
+            ours.add(population)
+            ref.add(population)
+            for k in (1, 2, 4):
+                if k + 1 > n:
+                    continue
+                own = knn_label_count(ours, labels, 4, k, population, self_query=True)
+                expected = knn_label_count(ref, labels, 4, k, population, self_query=True)
+                assert torch.equal(own, expected), (metric, k, "self")
+                own = knn_label_count(ours, labels, 4, k, queries)
+                assert torch.equal(own, knn_label_count(ref, labels, 4, k, queries)), (metric, k)

@@ -31,15 +31,41 @@ def _features(rnet: Recorder, x: Tensor, act_norm: float | None) -> list[list[li
     return result
 
 
-def _neighbours(query: list[float], population: list[list[float]], metric: str) -> list[int]:
-    """Indices of the population sorted from nearest to farthest."""
-
-    def key(j: int) -> float:
+def _faiss_knn(query: list[float], population: list[list[float]], metric: str, k: int) -> list[int]:
+    """The reference's faiss flat search, simulated: scan in id order keeping ``k`` candidates;
+    a candidate replaces the worst kept one only if strictly better, the worst being the
+    lowest (similarity, id) for ``ip`` and the highest (distance, id) for ``l2``."""
+    kept: list[tuple[float, int]] = []
+    for j, ref in enumerate(population):
         if metric == "l2":
-            return sum((a - b) ** 2 for a, b in zip(query, population[j], strict=True))
-        return -sum(a * b for a, b in zip(query, population[j], strict=True))
+            value = -sum((a - b) ** 2 for a, b in zip(query, ref, strict=True))
+            key = (value, -j)  # the worst: largest distance, then highest id
+        else:
+            value = sum(a * b for a, b in zip(query, ref, strict=True))
+            key = (value, j)  # the worst: smallest similarity, then lowest id
+        if len(kept) < k:
+            kept.append(key)
+        elif value > min(kept)[0]:
+            kept.remove(min(kept))
+            kept.append(key)
+    return [abs(j) for _, j in kept]
 
-    return sorted(range(len(population)), key=key)
+
+def _faiss_self_knn(i: int, population: list[list[float]], metric: str, k: int) -> list[int]:
+    """``self_query``: k + 1 neighbours, then drop the sample itself, or else the worst one."""
+    found = _faiss_knn(population[i], population, metric, k + 1)
+    if i in found:
+        found.remove(i)
+        return found
+
+    def badness(j: int) -> tuple[float, int]:
+        q, r = population[i], population[j]
+        if metric == "l2":
+            return (sum((a - b) ** 2 for a, b in zip(q, r, strict=True)), -j)
+        return (-sum(a * b for a, b in zip(q, r, strict=True)), -j)
+
+    found.remove(max(found, key=badness))  # faiss' last column: worst, lowest id among ties
+    return found
 
 
 def _naive_dknn(
@@ -58,11 +84,11 @@ def _naive_dknn(
     agreement = np.zeros((n_layers, n_calib))
     for layer in range(n_layers):
         for i, query in enumerate(test[layer]):
-            for j in _neighbours(query, calib[layer], metric)[:k]:
+            for j in _faiss_knn(query, calib[layer], metric, k):
                 votes[layer, i, labels[j]] += 1
-        for i, sample in enumerate(calib[layer]):
-            others = [j for j in _neighbours(sample, calib[layer], metric) if j != i]
-            agreement[layer, i] = sum(labels[j] == labels[i] for j in others[:k])
+        for i in range(len(calib[layer])):
+            others = _faiss_self_knn(i, calib[layer], metric, k)
+            agreement[layer, i] = sum(labels[j] == labels[i] for j in others)
     if not per_layer:
         votes, agreement = votes.sum(0, keepdims=True), agreement.sum(0, keepdims=True)
     if not (per_class or per_layer):
