@@ -100,8 +100,9 @@ def run_one(method: str, n: int, d: int) -> dict[str, Any]:
     net = FeatureNet(d).eval()
     rnet = Recorder(net, input_size=(1, d))
     rnet.record("backbone")
+    factory = _methods()[method]  # imports every score first: ``base`` includes them
     base = _rss_mib()
-    score = _methods()[method]()
+    score = factory()
     start = time.perf_counter()
     score.fit(rnet, _Stream(n, d, seed=1))
     fit_s = time.perf_counter() - start
@@ -167,9 +168,12 @@ def main() -> None:
     for method, n, d in _grid(args.quick):
         command = [sys.executable, __file__, "--one", method, str(n), str(d)]
         try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=args.timeout, check=False
-            )
+            for _ in range(2):  # one retry: a failed run is rerun once before being reported
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, check=False
+                )
+                if done.returncode == 0:
+                    break
             if done.returncode == 0:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             else:

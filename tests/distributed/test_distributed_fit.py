@@ -25,7 +25,8 @@ BITWISE = frozenset(
     {
         "Softmax", "BaselineClassif", "Logit", "Energy", "JointEnergy", "ODIN", "ReAct",
         "IsoMax", "GradNorm", "GradNorm-conv", "KNN", "LID", "Trust", "DkNN",
-        "FeatureSqueezing", "Gram", "JTLA", "KNN-bank", "DkNN-bank",
+        "FeatureSqueezing", "Gram", "JTLA", "KNN-bank", "DkNN-bank", "Entropy", "GEN",
+        "ASH", "SCALE", "OpenMax", "NNGuide",
     }
 )  # fmt: skip
 #: Scale extensions: the subsample is drawn on the merged bank, so it is shard-independent.

@@ -22,15 +22,21 @@ backends; tensors travel on the backend's device and come back to the rank's dev
 Equality with a single-process fit on the rank-ordered union, per algorithm (tested over
 every entry of the test catalogue, 2 gloo processes, uneven shards and an empty rank):
 
-* **bitwise** (only concatenated tensors, order preserved): KNN, LID, DkNN, Trust, IsoMax,
-  Gram, JTLA, ReAct (exact path), and every score using the reference ``calibrate`` contract
-  (e.g. :class:`~scio.scores.BaselineClassif`); scores with nothing to learn (Softmax,
-  Logit, Energy, JointEnergy, ODIN, GradNorm, FeatureSqueezing) trivially;
+* **bitwise** (only concatenated tensors, order preserved): KNN, LID, DkNN, Trust (also
+  with a subsampled or float16 bank: the subsample is drawn on the merged bank), IsoMax,
+  Gram, JTLA, OpenMax, NNGuide, ReAct (exact path), and every score using the reference
+  ``calibrate`` contract (e.g. :class:`~scio.scores.BaselineClassif`); scores with nothing
+  to learn (Softmax, Logit, Energy, JointEnergy, ODIN, GradNorm, FeatureSqueezing, Entropy,
+  GEN, ASH, SCALE) trivially;
 * **within float tolerance** (running sums, whose addition order differs: per-rank partial
-  sums, then the all-reduce): DeepMahalanobis, RelativeMahalanobis (float64 sums), Odds
-  (float64 sums, and only when ``epsilon == 0``: with noise, every rank draws its own noise
-  stream, so the fit equals a single-process fit in distribution only); ReAct's sketch path
-  (its certified rank error bound holds for the union).
+  sums, then the all-reduce): DeepMahalanobis, RelativeMahalanobis, ViM, KLM, DICE, fDBD,
+  NCI, SHE, and Odds (only with ``epsilon == 0``: with noise, every rank draws its own noise
+  stream, so the fit equals a single-process fit in distribution only, and the generator
+  state kept for inference is the rank's own); ReAct's sketch path (its certified rank
+  error bound holds for the union).
+
+Errors raised by one rank inside its own stream (e.g. invalid labels) are not collective:
+the other ranks then wait in the merge until the process group's timeout.
 """
 
 from __future__ import annotations

@@ -90,6 +90,18 @@ def test_default_configuration_meets_documented_rank_error(monkeypatch: pytest.M
         assert _rank_distance(data, float(value), rank) <= certified
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_compressed_is_exact_then_pruned(dtype: torch.dtype) -> None:
+    x = torch.randn(10_001, generator=torch.Generator().manual_seed(4)).to(dtype)
+    direct = QuantileSummary.compressed(x, 100)
+    reference = QuantileSummary.exact(x).prune(100)
+    for field in ("values", "rmin", "rmax"):
+        assert torch.equal(getattr(direct, field), getattr(reference, field))
+    assert direct.n == reference.n == 10_001 and len(direct) == 101
+    small = QuantileSummary.compressed(x[:50], 100)
+    assert small.is_exact
+
+
 def test_recompressing_keeps_valid_bounds() -> None:
     data = _datasets(100_000)["pareto"]
     summary = QuantileSummary.exact(torch.empty(0, dtype=torch.float64))
@@ -141,15 +153,23 @@ def test_react_sketch_thresholds_within_rank_error(
 
     exact = fit()
     monkeypatch.setattr(sketch, "EXACT_BUDGET", 2**15)  # 10 compressed blocks
-    pruned = []
-    original = QuantileSummary.prune
-    monkeypatch.setattr(
-        QuantileSummary, "prune", lambda s, size: pruned.append(s.n) or original(s, size)
-    )
+    compressed, pruned = [], []
+    original_compressed, original_prune = QuantileSummary.compressed, QuantileSummary.prune
+
+    def spy_compressed(values: torch.Tensor, size: int) -> QuantileSummary:
+        compressed.append(values.numel())
+        return original_compressed(values, size)
+
+    def spy_prune(self: QuantileSummary, size: int) -> QuantileSummary:
+        pruned.append(self.n)
+        return original_prune(self, size)
+
+    monkeypatch.setattr(QuantileSummary, "compressed", staticmethod(spy_compressed))
+    monkeypatch.setattr(QuantileSummary, "prune", spy_prune)
     sketched = fit()
     # a block every 2 batches (beyond the budget), and re-compressions of the blocks
-    assert pruned.count(2 * 500 * d) == 10
-    assert max(pruned) > 2 * 500 * d
+    assert compressed == [2 * 500 * d] * 10
+    assert pruned and min(pruned) > 2 * 500 * d
     values = features.double().numpy().reshape(-1)
     total = len(values)
     for attr, q, interpolation in (("clip_high", 0.95, "higher"), ("clip_low", 0.05, "lower")):

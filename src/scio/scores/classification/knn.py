@@ -15,6 +15,7 @@ from scio.scores.utils.index import (
     check_bank_params,
     to_bank_dtype,
 )
+from scio.scores.utils.sketch import pop_parts
 from scio.utils.enums import IndexMetric, IndexMetricLike
 from scio.utils.misc import check
 
@@ -79,7 +80,8 @@ class KNN(StreamingCalibration, BaseScoreClassif):
         self._state.append("features", to_bank_dtype(features, self.bank_dtype))
 
     def _calib_end(self) -> None:
-        features = self._state.cat("features")
+        features = pop_parts(self._state, "features")  # the parts are freed once joined
+        assert features is not None
         rows = bank_rows(len(features), self.bank_fraction, self.bank_seed, features.device)
         bank = features if rows is None else features[rows]
         self.index: Index = make_indexes(bank, metric=self.index_metric, backend=self.index_backend)

@@ -19,6 +19,7 @@ from scio.scores.utils.index import (
     check_bank_params,
     to_bank_dtype,
 )
+from scio.scores.utils.sketch import pop_parts
 from scio.utils.misc import check
 
 __all__ = ["LID"]
@@ -81,7 +82,8 @@ class LID(StreamingCalibration, BaseScoreClassif):
         self._state.append("features", to_bank_dtype(features, self.bank_dtype))
 
     def _calib_end(self) -> None:
-        features = self._state.cat("features")
+        features = pop_parts(self._state, "features")  # the parts are freed once joined
+        assert features is not None
         rows = bank_rows(len(features), self.bank_fraction, self.bank_seed, features.device)
         bank = features if rows is None else features[rows]
         self.index: Index = make_indexes(bank, metric="l2", backend=self.index_backend)

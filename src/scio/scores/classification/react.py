@@ -121,7 +121,7 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
         state = self._state
         values = sketch.pop_parts(state, f"layer{i}")
         assert values is not None
-        block = QuantileSummary.exact(values).prune(sketch.SUMMARY_SIZE)
+        block = QuantileSummary.compressed(values, sketch.SUMMARY_SIZE)
         sketch.append_summary(state, f"sketch{i}", block)
         state.append(f"layer{i}", values[:0])
         if sketch.kept_numel(state, f"sketch{i}.values") > sketch.EXACT_BUDGET:  # re-compress

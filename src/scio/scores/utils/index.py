@@ -55,6 +55,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 IndexBackend: TypeAlias = Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"]
 _APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
+_IVF_TRAIN_PER_LIST = 64
 IndexNest: TypeAlias = "Index | tuple[IndexNest, ...]"
 IdsLike: TypeAlias = "Tensor | npt.ArrayLike"
 
@@ -118,8 +119,12 @@ class TorchIndexFlat:
         else:
             new = x.to(device=self._data.device, dtype=self._data.dtype)
         sq = None
-        if self.metric == IndexMetric.L2:
-            sq = new.to(_compute_dtype(new.dtype)).square().sum(dim=1)
+        if self.metric == IndexMetric.L2:  # by row chunks: no full-size temporary
+            cdtype, step = _compute_dtype(new.dtype), max(1, 2**22 // max(self.d, 1))
+            chunks = [
+                new[i : i + step].to(cdtype).square().sum(dim=1) for i in range(0, len(new), step)
+            ]
+            sq = torch.cat(chunks) if chunks else new.new_zeros(0, dtype=cdtype)
         if self._data is None:
             self._data, self._sqnorms = new, sq
         else:
@@ -330,7 +335,8 @@ class Index:
             ``faiss``); approximate: ``"faiss-ivf"`` or ``"faiss-hnsw"`` (see module doc).
         max_block_bytes: Torch backend only: memory bound of one block of the distance matrix.
         nlist: ``"faiss-ivf"``: number of lists (default ``min(4·√n, n / 39)`` for the ``n``
-            samples of the first ``add``, which trains the quantiser).
+            samples of the first ``add``, which trains the quantiser on at most
+            ``64 · nlist`` of them, a seeded subsample).
         nprobe: ``"faiss-ivf"``: lists visited per query.
         hnsw_m: ``"faiss-hnsw"``: graph degree.
         ef_search: ``"faiss-hnsw"``: search breadth.
@@ -463,7 +469,11 @@ class Index:
             faiss.IndexFlatIP(self._dim) if self._faiss_metric() else faiss.IndexFlatL2(self._dim)
         )
         index = faiss.IndexIVFFlat(quantizer, self._dim, nlist, self._faiss_metric())
-        index.train(arr)
+        if n > _IVF_TRAIN_PER_LIST * nlist:  # k-means on a seeded subsample (faiss' practice)
+            rows = np.random.default_rng(0).choice(n, _IVF_TRAIN_PER_LIST * nlist, replace=False)
+            index.train(arr[np.sort(rows)])
+        else:
+            index.train(arr)
         index.nprobe = min(int(self._approx["nprobe"] or 1), nlist)
         self._quantizer = quantizer  # keep the Python owner of the quantiser alive
         return index

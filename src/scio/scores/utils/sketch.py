@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,27 @@ class QuantileSummary:
         flat = values.detach().reshape(-1).sort().values
         ranks = torch.arange(1, len(flat) + 1, device=flat.device)
         return cls(flat, ranks, ranks.clone(), len(flat))
+
+    @classmethod
+    def compressed(cls, values: Tensor, size: int) -> QuantileSummary:
+        """``exact(values).prune(size)`` without the full rank tensors: the values at the
+        evenly spaced ranks ``1 + round(j · (m - 1) / size)`` of the sorted values (exact
+        ranks). CPU values are sorted by numpy, which allocates no index tensor."""
+        if size < 1:
+            msg = f"`size` must be a positive integer (got {size})"
+            raise ValueError(msg)
+        flat = values.detach().reshape(-1)
+        m = len(flat)
+        if m <= size + 1:
+            return cls.exact(flat)
+        if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+            ordered = torch.from_numpy(np.sort(flat.numpy(), kind="stable"))
+        else:
+            ordered = flat.sort().values
+        steps = torch.arange(size + 1, dtype=torch.float64, device=flat.device)
+        positions = torch.unique((steps * (m - 1) / size).round().to(torch.int64))
+        ranks = positions + 1
+        return cls(ordered[positions], ranks, ranks.clone(), m)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -213,8 +235,8 @@ def threshold(
     ``torch.quantile`` for that interpolation) when no block was compressed.
     """
     blocks = read_summaries(state, sketch) if f"{sketch}.sizes" in state else []
-    if name in state and kept_numel(state, name):
-        blocks.append(QuantileSummary.exact(state.cat(name)))
+    if name in state and kept_numel(state, name):  # the leftover: one more (pruned) block
+        blocks.append(QuantileSummary.compressed(state.cat(name), SUMMARY_SIZE))
     summary = combine_all(blocks)
     value, error = summary.quantile(q, interpolation)
     return value, error, summary.n
