@@ -81,10 +81,11 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
         Fitted state: ``clip_high`` (tuple of 0-d tensors, one per threshold set) and
         ``clip_low`` (same, or ``None`` entries when not ``symmetric``).
 
-        Cost: calibration uses the shared recording forward but, because exact quantiles need
-        every value, keeps **all** recorded calibration activations (``n_calib * d`` elements,
-        ``d`` the flattened size of the recorded layers) until the end of calibration, plus a
-        temporary float64 copy for the selection. Inference: one recorded forward (plain logits
+        Cost: calibration uses the shared recording forward. Thresholds are exact (every
+        recorded value kept, ``n_calib * d`` elements, plus a float64 copy for the selection)
+        while the kept values fit the exact budget (``scio.scores.utils.sketch``: 2**26 values
+        per threshold); beyond it they come from a mergeable quantile summary with a certified
+        rank error ≤ 1e-4 · n, in bounded memory. Inference: one recorded forward (plain logits
         and the recorded activations), then only the part of the network downstream of the
         first recorded layer is rerun on the clipped activations
         (:meth:`scio.recorder.Recorder.shaped_forward`; a full second forward when the network
