@@ -60,3 +60,30 @@ def net() -> TinyConvNet:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+# Heaviest tests of the developer loop (`pytest -m "not slow"`), measured with --durations on
+# a loaded 2-core machine: marked slow here so the loop stays short; CI runs them all.
+_SLOW_PREFIXES = (
+    # spawn 2 gloo processes each (5-11 s); test_explicit_process_group stays in the loop
+    "tests/distributed/test_distributed_fit.py::test_every_algorithm_matches_single_process",
+    "tests/distributed/test_distributed_fit.py::test_fit_jointly_distributed_with_an_empty",
+    "tests/distributed/test_distributed_fit.py::test_mismatched_ranks_raise_on_every_rank",
+    "tests/scores/test_chunking.py::test_odds_chunked_equals_one_shot",  # 4-5 s each
+    "tests/models/test_fmnist.py::test_fmnist_",  # full test-set accuracy checks (2 s each)
+    "tests/models/test_models.py::test_reproduces_reference",
+)
+# The functional grid keeps float32 in the fast loop; float16/float64 run in the full suite.
+_SLOW_GRID = ("tests/scores/test_functional_grid.py::", ("-float16]", "-float64]"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the heavy tests listed above as slow."""
+    grid_prefix, grid_suffixes = _SLOW_GRID
+    for item in items:
+        node = item.nodeid
+        heavy = node.startswith(_SLOW_PREFIXES) or (
+            node.startswith(grid_prefix) and node.endswith(grid_suffixes)
+        )
+        if heavy:
+            item.add_marker(pytest.mark.slow)
