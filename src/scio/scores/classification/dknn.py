@@ -7,15 +7,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import ParamError, StreamingCalibration
+from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.classification.knn import check_bank
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
 from scio.scores.utils.index import (
     IndexBackend,
     bank_rows,
-    bank_size,
-    check_bank_params,
     to_bank_dtype,
 )
 from scio.utils.enums import AggrNameLike, IndexMetricLike
@@ -90,14 +89,7 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)
         get_aggregator(self.aggregation)  # unsupported name: the enum's ValueError
-        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
-        kept = bank_size(n_calib, self.bank_fraction)
-        if self.k > kept:
-            msg = (
-                f"`k` must not exceed the {kept} samples kept in the bank "
-                f"(⌈bank_fraction · n_calib⌉ = ⌈{self.bank_fraction} · {n_calib}⌉; got k={self.k})"
-            )
-            raise ParamError(msg)
+        check_bank(self, n_calib)
 
     @property
     def _uses_p_values(self) -> bool:

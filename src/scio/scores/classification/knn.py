@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from scio.scores.base import ParamError, StreamingCalibration
@@ -19,7 +21,19 @@ from scio.scores.utils.sketch import pop_parts
 from scio.utils.enums import IndexMetric, IndexMetricLike
 from scio.utils.misc import check
 
-__all__ = ["KNN"]
+__all__ = ["KNN", "check_bank"]
+
+
+def check_bank(score: Any, n_calib: int) -> None:
+    """Validate a kNN-type score's bank parameters and that ``k`` fits in the kept bank."""
+    check_bank_params(score.bank_fraction, score.bank_dtype, score.index_backend)
+    kept = bank_size(n_calib, score.bank_fraction)
+    if score.k > kept:
+        msg = (
+            f"`k` must not exceed the {kept} samples kept in the bank "
+            f"(⌈bank_fraction · n_calib⌉ = ⌈{score.bank_fraction} · {n_calib}⌉; got k={score.k})"
+        )
+        raise ParamError(msg)
 
 
 class KNN(StreamingCalibration, BaseScoreClassif):
@@ -66,14 +80,7 @@ class KNN(StreamingCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)
-        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
-        kept = bank_size(n_calib, self.bank_fraction)
-        if self.k > kept:
-            msg = (
-                f"`k` must not exceed the {kept} samples kept in the bank "
-                f"(⌈bank_fraction · n_calib⌉ = ⌈{self.bank_fraction} · {n_calib}⌉; got k={self.k})"
-            )
-            raise ParamError(msg)
+        check_bank(self, n_calib)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         (features,) = self.normalize(batch.activations, concatenate=True)

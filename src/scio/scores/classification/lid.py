@@ -8,15 +8,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import ParamError, StreamingCalibration
+from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.classification.knn import check_bank
 from scio.scores.utils import Index, make_indexes
 from scio.scores.utils.index import (
     IndexBackend,
     bank_rows,
-    bank_size,
-    check_bank_params,
     to_bank_dtype,
 )
 from scio.scores.utils.sketch import pop_parts
@@ -68,14 +67,7 @@ class LID(StreamingCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check(0 < self.k <= n_calib)
-        check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
-        kept = bank_size(n_calib, self.bank_fraction)
-        if self.k > kept:
-            msg = (
-                f"`k` must not exceed the {kept} samples kept in the bank "
-                f"(⌈bank_fraction · n_calib⌉ = ⌈{self.bank_fraction} · {n_calib}⌉; got k={self.k})"
-            )
-            raise ParamError(msg)
+        check_bank(self, n_calib)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         (features,) = self.normalize(batch.activations, concatenate=True)
