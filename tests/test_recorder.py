@@ -366,3 +366,12 @@ def test_lazy_func_and_layer_info_helpers() -> None:
         get_layer_info_depth_idx(info)
     info.depth_index = 4
     assert get_layer_info_depth_idx(info) == (1, 4)
+
+
+def test_wrong_example_input_shape_says_what_to_do() -> None:
+    with pytest.raises(
+        RuntimeError, match=r"failed to run on the Recorder's example input \(\(1, 5\)\)"
+    ):
+        Recorder(nn.Linear(4, 3), input_size=(1, 5))
+    with pytest.raises(RuntimeError, match=r"example input \(\(2, 7\)\).*`input_data`"):
+        Recorder(nn.Linear(4, 3), input_data=torch.zeros(2, 7))

@@ -189,6 +189,17 @@ class Recorder(nn.Module):
         modes = {module: module.training for module in net.modules()}
         try:
             self.summary = torchinfo.summary(net, **kwargs)
+        except RuntimeError as exc:
+            given = kwargs.get("input_size")
+            if given is None:
+                data = kwargs.get("input_data")
+                given = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            msg = (
+                f"The network failed to run on the Recorder's example input ({given}): pass "
+                "`input_data` (e.g. one calibration sample, `data[:1]`) or `input_size` with "
+                "the shape the network expects, batch dimension included"
+            )
+            raise RuntimeError(msg) from exc
         finally:
             torchinfo.torchinfo.clear_cached_forward_pass()
             # torchinfo restores only the root's mode; leave every flag as it was
