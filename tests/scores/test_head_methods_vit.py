@@ -188,7 +188,7 @@ def test_no_linear_head_after_the_recorded_layer() -> None:
 @pytest.mark.parametrize(
     ("score", "kept"),
     [
-        (scores.ViM(dim=8), set()),
+        (scores.ViM(dim=8), {"residual_rows", "residual_weight"}),
         (scores.fDBD(), set()),
         (scores.NCI(), set()),
         (scores.SHE(), set()),
@@ -197,7 +197,8 @@ def test_no_linear_head_after_the_recorded_layer() -> None:
     ids=lambda v: type(v).__name__ if isinstance(v, scores.BaseScore) else str(sorted(v)),
 )
 def test_calibration_keeps_running_sums_only(score: scores.BaseScore, kept: set[str]) -> None:
-    """Only NNGuide keeps per-sample tensors (its bank); the others keep O(d²) sums."""
+    """NNGuide keeps its bank, ViM a bounded subsample of features (for the exact mean
+    residual norm); the others keep O(d²) sums only."""
     net = _vit()
     calib, labels, _ = _data()
     rnet = Recorder(net, input_size=(1, 3, 8, 8), force_static_flow=False)
@@ -211,3 +212,5 @@ def test_calibration_keeps_running_sums_only(score: scores.BaseScore, kept: set[
     state = score._state  # type: ignore[attr-defined]
     assert set(state._parts) == kept
     assert all(v.numel() <= DIM * DIM for v in state._sums.values())
+    if isinstance(score, scores.ViM):
+        assert sum(v.numel() for v in state._parts["residual_rows"]) <= score.residual_budget

@@ -30,7 +30,7 @@ def _naive_vim(
     test: tuple[np.ndarray, np.ndarray],
     dim: int,
 ) -> np.ndarray:
-    """Paper's ViM with numpy/loops; alpha from the RMS residual (see the ViM docstring)."""
+    """Paper's ViM with numpy/loops: alpha = mean max logit / mean residual norm."""
     origin = -np.linalg.pinv(weight) @ bias
     feats, logits = calib
     moment = np.zeros((feats.shape[1],) * 2)
@@ -46,8 +46,8 @@ def _naive_vim(
             rest = rest - float(principal[:, j] @ rest) * principal[:, j]
         return math.sqrt(float(rest @ rest))
 
-    rms = math.sqrt(sum(residual(row) ** 2 for row in feats) / len(feats))
-    alpha = float(np.mean([max(row) for row in logits])) / rms
+    mean_residual = sum(residual(row) for row in feats) / len(feats)
+    alpha = float(np.mean([max(row) for row in logits])) / mean_residual
     result = []
     for row, z in zip(*test, strict=True):
         virtual = alpha * residual(row)
@@ -144,3 +144,28 @@ def test_vim_needs_a_head_after_the_recorded_layer() -> None:
     rnet.record((1, 5))  # the logits: no linear head follows
     with pytest.raises(ValueError, match=r"No linear head follows the recorded layer"):
         ViM().fit(rnet, calib)
+
+
+def test_vim_alpha_beyond_the_residual_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the budget, the kept rows are every s-th sample (s a power of two): the same
+    rows, hence the same alpha, for any batching; the subsample mean stays close."""
+    generator = torch.Generator().manual_seed(5)
+    net = make_net(dtype=torch.float64, seed=1)
+    calib = torch.rand(203, 1, 4, 4, generator=generator).double()
+    rnet = Recorder(net, input_data=calib[[0]])
+    rnet.record((1, 4))
+    exact = ViM(dim=3).fit(rnet, calib)
+    monkeypatch.setattr(ViM, "residual_budget", 8 * 40)  # 40 rows of d = 8: stride 8
+    whole = ViM(dim=3).fit(rnet, calib)
+    batches = [(calib[i : i + 17], None) for i in range(0, len(calib), 17)]
+    streamed = ViM(dim=3).fit(rnet, batches)
+    assert whole.alpha == pytest.approx(streamed.alpha, rel=1e-12)  # running sums: ulps
+    assert whole.alpha != exact.alpha
+    assert abs(whole.alpha / exact.alpha - 1) < 0.05
+    # the kept rows are positions 0, 8, ..., 200 (26 rows): alpha uses exactly their mean
+    weight, bias = net.fc.weight.detach().numpy(), net.fc.bias.detach().numpy()
+    feats, logits = _features(net, calib)
+    origin = -np.linalg.pinv(weight) @ bias
+    basis = whole.residual_basis.numpy()
+    mean_residual = np.linalg.norm((feats[::8] - origin) @ basis, axis=1).mean()
+    np.testing.assert_allclose(whole.alpha, logits.max(1).mean() / mean_residual, rtol=1e-9)
