@@ -13,7 +13,7 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, CalibState
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.head import HeadMixin
-from scio.scores.utils.sketch import kept_numel, pop_parts
+from scio.scores.utils.sketch import kept_numel
 
 __all__ = ["ViM", "vim_conformity", "vim_default_dim", "vim_origin", "vim_residual_basis"]
 
@@ -78,14 +78,18 @@ def vim_conformity(
 
 
 def _mean_residual(state: CalibState, basis: Tensor) -> float:
-    """Weighted mean of the residual norms of the kept rows (chunked products with ``R``)."""
-    rows, weight = pop_parts(state, "residual_rows"), pop_parts(state, "residual_weight")
-    if rows is None or weight is None or not len(rows):
+    """Weighted mean of the residual norms of the kept rows (products with ``R`` part by
+    part, in bounded chunks: the kept rows are never joined)."""
+    parts = state._parts.pop("residual_rows", [])  # the state's own storage (same package)
+    weights = state._parts.pop("residual_weight", [])
+    if not sum(len(part) for part in parts):
         return 0.0
-    r = basis.to(device=rows.device, dtype=rows.dtype)
+    r = basis.to(device=parts[0].device, dtype=parts[0].dtype)
     step = max(1, 2**22 // max(r.shape[1], 1))
-    norms = torch.cat([(rows[i : i + step] @ r).norm(dim=1) for i in range(0, len(rows), step)])
-    weight = weight.to(norms.device)
+    norms = torch.cat(
+        [(part[i : i + step] @ r).norm(dim=1) for part in parts for i in range(0, len(part), step)]
+    )
+    weight = torch.cat(weights).to(norms.device)
     return float((norms.to(_F64) * weight).sum() / weight.sum())
 
 
@@ -180,14 +184,19 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
         max_rows = max(1, self.residual_budget // max(centred.shape[1], 1))
         if kept_numel(state, "residual_weight") <= max_rows:
             return
-        kept, weight = pop_parts(state, "residual_rows"), pop_parts(state, "residual_weight")
-        assert kept is not None and weight is not None
-        while len(kept) > max_rows:  # kept rows sit at positions 0, s, 2s, ...: keep 0, 2s, ...
+        rows_parts, weight_parts = state._parts["residual_rows"], state._parts["residual_weight"]
+        while sum(len(part) for part in weight_parts) > max_rows:
+            # the kept rows sit at positions 0, s, 2s, ...: keep 0, 2s, ... (even ranks), part
+            # by part so that the kept rows are never joined
             stride *= 2
-            kept, weight = kept[::2], weight[::2] * 2
+            kept_rows, kept_weight, at = [], [], 0
+            for part_rows, part_weight in zip(rows_parts, weight_parts, strict=True):
+                first = at % 2
+                at += len(part_rows)
+                kept_rows.append(part_rows[first::2].clone())
+                kept_weight.append(part_weight[first::2] * 2)
+            rows_parts[:], weight_parts[:] = kept_rows, kept_weight
         self._residual_stride = stride
-        state.append("residual_rows", kept.clone())
-        state.append("residual_weight", weight.clone())
 
     def _bias(self) -> Tensor | None:
         bias = self.head_bias
