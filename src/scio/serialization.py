@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from scio.recorder import Recorder
 from scio.scores.base import BaseScore
 from scio.scores.utils import Index
+from scio.scores.utils.bank import ResidualBank
 
 __all__ = [
     "FORMAT_VERSION",
@@ -38,6 +39,7 @@ _MAGIC = "scio-score"
 _INDEX_TAG = "__scio_index__"
 _TUPLE_TAG = "__scio_tuple__"
 _FLOAT_TAG = "__scio_float__"
+_BANK_TAG = "__scio_bank__"
 
 PathLike = str | os.PathLike[str]
 
@@ -52,11 +54,22 @@ def _encode(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().cpu().clone()
     if isinstance(value, Index):
+        stored = value.stored
+        if isinstance(stored, ResidualBank):  # a coded half-precision bank stays coded
+            return {_INDEX_TAG: True, "dim": value.dim, "metric": str(value.metric),
+                    "bank": _encode(stored)}  # fmt: skip
         return {
             _INDEX_TAG: True,
             "dim": value.dim,
             "metric": str(value.metric),
-            "samples": value.samples.detach().cpu().clone(),
+            "samples": stored.detach().cpu().clone(),
+        }
+    if isinstance(value, ResidualBank):
+        return {
+            _BANK_TAG: True,
+            "codebook": value.codebook.detach().cpu().clone(),
+            "codes": value.codes.detach().cpu().clone(),
+            "residuals": value.residuals.detach().cpu().clone(),
         }
     if isinstance(value, Enum):
         return value.value
@@ -97,10 +110,16 @@ def _decode(value: Any, target: _Target) -> Any:
     if isinstance(value, dict):
         if value.get(_INDEX_TAG) is True:
             index = Index(dim=int(value["dim"]), metric=value["metric"])
-            samples = target(value["samples"])
+            samples = (
+                _decode(value["bank"], target) if "bank" in value else target(value["samples"])
+            )
             if len(samples):
                 index.add(samples)
             return index
+        if value.get(_BANK_TAG) is True:  # dtypes kept: the codebook is the precise part
+            return ResidualBank(
+                *(value[name].to(target.device) for name in ("codebook", "codes", "residuals"))
+            )
         if _TUPLE_TAG in value:
             return tuple(_decode(v, target) for v in value[_TUPLE_TAG])
         if _FLOAT_TAG in value:

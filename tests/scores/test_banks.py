@@ -12,6 +12,7 @@ import scio.datasets as D
 from scio import scores
 from scio.recorder import Recorder
 from scio.scores.utils import Index, normalize_samples
+from scio.scores.utils.bank import ResidualBank
 from scio.scores.utils.index import recall_at_k
 
 BANK_SCORES = {
@@ -100,9 +101,11 @@ def test_reduced_precision_bank(name: str, dtype: str) -> None:
     stored = (
         half.kept_features
         if name == "Trust"
-        else (half.indexes[0] if name == "DkNN" else half.index).samples
+        else (half.indexes[0] if name == "DkNN" else half.index).stored
     )
+    assert isinstance(stored, ResidualBank)  # half-precision residuals to a float32 codebook
     assert stored.dtype == getattr(torch, dtype)
+    assert stored.codebook.dtype == torch.float32
     expected, got = full(queries)[1], half(queries)[1]
     assert got.dtype == expected.dtype == torch.float32
     tolerance = 2e-2 if dtype == "bfloat16" else 3e-3
@@ -174,29 +177,39 @@ def _fmnist_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _fmnist_available(), reason="Fashion-MNIST missing")
 def test_float16_bank_neighbours_on_real_features() -> None:
-    """Penultimate (avgpool) L2-normalised features of the embedded fmnist model: 5000
-    calibration images as the bank, 2000 test images as queries, k = 5."""
+    """Penultimate (avgpool) L2-normalised features of the embedded fmnist model: the 5000
+    calibration images as the bank, the 10,000 test images as queries. The float16 bank
+    (residuals to a codebook) returns the float32 bank's k = 5 neighbour set on ≥ 99.9 % of
+    queries (measured 99.93 %; plain float16 rounding: 99.67 %)."""
     from scio.models import fmnist
 
     net = fmnist()
-    calib, test = D.fashion_mnist("calibration"), D.fashion_mnist("test", n=2000)
+    calib, test = D.fashion_mnist("calibration"), D.fashion_mnist("test", n=10_000)
     rnet = Recorder(net, input_data=calib.data[:1])
     rnet.record("avgpool")
+    batches = [(calib.data[i : i + 500], None) for i in range(0, len(calib.data), 500)]
+    knn = scores.KNN(k=5, bank_dtype="float16").fit(rnet, batches)
+    coded = knn.index
+    assert isinstance(coded.stored, ResidualBank)
     with torch.no_grad():
         rnet(calib.data)
         bank = normalize_samples(next(iter(rnet.activations.values())).flatten(1), ord=2)
-        rnet(test.data)
-        queries = normalize_samples(next(iter(rnet.activations.values())).flatten(1), ord=2)
-    k = 5
-    exact, half = Index(dim=bank.shape[1], metric="l2"), Index(dim=bank.shape[1], metric="l2")
+        parts = []
+        for start in range(0, len(test.data), 1000):
+            rnet(test.data[start : start + 1000])
+            feats = next(iter(rnet.activations.values())).flatten(1)
+            parts.append(normalize_samples(feats, ord=2))
+        queries = torch.cat(parts)
+    exact, plain = Index(dim=bank.shape[1], metric="l2"), Index(dim=bank.shape[1], metric="l2")
     exact.add(bank)
-    half.add(bank.half())
-    d_exact, i_exact = exact.search(queries, k)
-    _, i_half = half.search(queries, k)
-    same_set = (i_half.sort(1).values == i_exact.sort(1).values).all(1).float().mean()
-    # up to ties at float16 resolution: the float32 distances of the neighbours returned by
-    # the float16 bank equal the exact k-NN distances within float16's relative 2**-11
-    d_of_half = (queries[:, None] - bank[i_half]).square().sum(-1).sort(1).values
-    same_up_to_ties = ((d_of_half - d_exact).abs() <= 2**-11 * d_exact).all(1).float().mean()
-    assert float(same_up_to_ties) >= 0.999
-    assert float(same_set) >= 0.99  # measured 0.995: the rest are float16-resolution ties
+    plain.add(bank.half())
+
+    def agreement(index: Index, k: int) -> float:
+        reference = exact.search(queries, k)[1].sort(1).values
+        return float(
+            (index.search(queries, k)[1].sort(1).values == reference).all(1).float().mean()
+        )
+
+    assert agreement(coded, 5) >= 0.999
+    assert agreement(coded, 1) >= 0.999
+    assert agreement(coded, 50) > agreement(plain, 50) + 0.01  # 99.57 % against 98.04 %

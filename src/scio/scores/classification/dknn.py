@@ -12,10 +12,10 @@ from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.classification.knn import check_bank
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
+from scio.scores.utils.bank import append_rows, as_dense, has_rows, take_rows
 from scio.scores.utils.index import (
     IndexBackend,
     bank_rows,
-    to_bank_dtype,
 )
 from scio.utils.enums import AggrNameLike, IndexMetricLike
 from scio.utils.misc import check
@@ -55,7 +55,9 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
             the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
         bank_seed: extension: seed of the bank subsample.
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
-            the features' dtype); half-precision banks are searched with float32 accumulation.
+            the features' dtype); half-precision banks store float16 residuals to a small
+            float32 codebook and are searched with float32 accumulation
+            (:mod:`scio.scores.utils.bank`).
         index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
             approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
 
@@ -99,17 +101,18 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         n_classes = batch.out.shape[1]
         labels = validate_labels(batch.labels, len(batch), n_classes)
         for layer, feats in enumerate(self.normalize(batch.activations)):
-            flat = to_bank_dtype(feats.reshape(len(feats), -1), self.bank_dtype)
-            self._state.append(f"features{layer}", flat)
+            append_rows(self._state, f"features{layer}", feats, self.bank_dtype)
         self._state.append("labels", labels.to(batch.out.device))
         self._n_classes = n_classes
 
     def _calib_end(self) -> None:
         state = self._state
         n_layers = 0
-        while f"features{n_layers}" in state:
+        while has_rows(state, f"features{n_layers}"):
             n_layers += 1
-        features = tuple(state.cat(f"features{layer}") for layer in range(n_layers))
+        features = tuple(
+            take_rows(state, f"features{layer}", self.bank_dtype) for layer in range(n_layers)
+        )
         labels = state.cat("labels")
         rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
         if rows is not None:
@@ -131,7 +134,9 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
             if k_calib == 0:
                 agreements.append(torch.zeros_like(labels))
                 continue
-            counts = knn_label_count(index, labels, self.n_classes, k_calib, feats, self_query=True)
+            counts = knn_label_count(
+                index, labels, self.n_classes, k_calib, as_dense(feats), self_query=True
+            )
             agreements.append(counts.gather(1, labels.to(counts.device)[:, None]).squeeze(1))
         rows = torch.stack(agreements)  # (L, n_calib)
         if not self.per_layer:

@@ -10,14 +10,13 @@ from scio.scores.base import ParamError, StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import Index, make_indexes
+from scio.scores.utils.bank import append_rows, take_rows
 from scio.scores.utils.index import (
     IndexBackend,
     bank_rows,
     bank_size,
     check_bank_params,
-    to_bank_dtype,
 )
-from scio.scores.utils.sketch import pop_parts
 from scio.utils.enums import IndexMetric, IndexMetricLike
 from scio.utils.misc import check
 
@@ -57,7 +56,9 @@ class KNN(StreamingCalibration, BaseScoreClassif):
             the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
         bank_seed: extension: seed of the bank subsample.
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
-            the features' dtype); half-precision banks are searched with float32 accumulation.
+            the features' dtype); half-precision banks store float16 residuals to a small
+            float32 codebook and are searched with float32 accumulation
+            (:mod:`scio.scores.utils.bank`).
         index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
             approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
 
@@ -84,11 +85,10 @@ class KNN(StreamingCalibration, BaseScoreClassif):
 
     def _calib_update(self, batch: CalibBatch) -> None:
         (features,) = self.normalize(batch.activations, concatenate=True)
-        self._state.append("features", to_bank_dtype(features, self.bank_dtype))
+        append_rows(self._state, "features", features, self.bank_dtype)
 
     def _calib_end(self) -> None:
-        features = pop_parts(self._state, "features")  # the parts are freed once joined
-        assert features is not None
+        features = take_rows(self._state, "features", self.bank_dtype)  # parts freed once joined
         rows = bank_rows(len(features), self.bank_fraction, self.bank_seed, features.device)
         bank = features if rows is None else features[rows]
         self.index: Index = make_indexes(bank, metric=self.index_metric, backend=self.index_backend)

@@ -12,11 +12,11 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import make_indexes
+from scio.scores.utils.bank import ResidualBank, append_rows, as_dense, take_rows
 from scio.scores.utils.index import (
     IndexBackend,
     bank_rows,
     check_bank_params,
-    to_bank_dtype,
 )
 from scio.utils.misc import check
 
@@ -48,7 +48,9 @@ class Trust(StreamingCalibration, BaseScoreClassif):
             the bank (a seeded uniform subsample, the KNN paper's α; ``1``: all).
         bank_seed: extension: seed of the bank subsample.
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
-            the features' dtype); half-precision banks are searched with float32 accumulation.
+            the features' dtype); half-precision banks store float16 residuals to a small
+            float32 codebook and are searched with float32 accumulation
+            (:mod:`scio.scores.utils.bank`).
         index_backend: extension, for the per-class density searches: ``"torch"`` (exact,
             default), ``"faiss"`` (exact) or the approximate ``"faiss-ivf"`` /
             ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
@@ -83,12 +85,13 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         n_classes = batch.out.shape[1]
         labels = validate_labels(batch.labels, len(batch), n_classes)
         (features,) = self.normalize(batch.activations, concatenate=True)
-        self._state.append("features", to_bank_dtype(features, self.bank_dtype))
+        append_rows(self._state, "features", features, self.bank_dtype)
         self._state.append("labels", labels.to(features.device))
         self._n_classes = n_classes
 
     def _calib_end(self) -> None:
-        features, labels = self._state.cat("features"), self._state.cat("labels")
+        features = take_rows(self._state, "features", self.bank_dtype)
+        labels = self._state.cat("labels")
         rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
         if rows is not None:
             features, labels = features[rows], labels[rows]
@@ -103,16 +106,17 @@ class Trust(StreamingCalibration, BaseScoreClassif):
                 if n_remove == 0:
                     continue
                 members = (labels == label).nonzero().squeeze(1)
-                kth = index.search(features[members], self.k, self_query=True)[0][:, -1]
+                queries = as_dense(features[members])
+                kth = index.search(queries, self.k, self_query=True)[0][:, -1]
                 order = torch.argsort(kth, descending=True, stable=True)
                 keep[members[order[:n_remove]]] = False
-        self.kept_features: Tensor = features[keep]
+        self.kept_features: Tensor | ResidualBank = features[keep]
         self.kept_labels: Tensor = labels[keep]
         self.n_classes: int = n_classes
 
     def _nearest_per_class(self, query: Tensor) -> Tensor:
         """Squared distance from each query to the nearest kept feature of each class."""
-        refs = self.kept_features.to(query.dtype)
+        refs = as_dense(self.kept_features).to(query.dtype)
         ref_sq = refs.square().sum(1)
         result = query.new_full((len(query), self.n_classes), math.inf)
         step = max(1, self._block_elements // max(len(refs), 1))

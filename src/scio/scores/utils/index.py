@@ -28,6 +28,7 @@ Semantics shared by both backends (they are faiss' ``IndexFlatL2`` / ``IndexFlat
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 from collections.abc import Sequence
 from types import ModuleType
@@ -38,6 +39,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from scio.scores.utils.bank import BANK_DTYPES, ResidualBank, encode
 from scio.utils.enums import IndexMetric, IndexMetricLike
 
 __all__ = [
@@ -89,7 +91,8 @@ class TorchIndexFlat:
 
     The population keeps the device and (floating) dtype of the first added samples; float16 /
     bfloat16 populations are searched in float32, float64 ones in float64. Non-floating samples
-    are stored as float32.
+    are stored as float32. A :class:`~scio.scores.utils.bank.ResidualBank` population stays
+    coded (half-precision residuals to a codebook) and is decoded block by block.
     """
 
     metric: ClassVar[IndexMetric]
@@ -99,6 +102,8 @@ class TorchIndexFlat:
         self.max_block_bytes = max_block_bytes
         self._data: Tensor | None = None
         self._sqnorms: Tensor | None = None  # squared norms in compute dtype (l2 only)
+        self._codes: Tensor | None = None  # coded population: ``_data`` holds the residuals
+        self._codebook: Tensor | None = None
 
     @property
     def ntotal(self) -> int:
@@ -107,30 +112,83 @@ class TorchIndexFlat:
 
     @property
     def data(self) -> Tensor | None:
-        """The stored population ``(ntotal, d)`` (``None`` before the first ``add``)."""
+        """The stored population ``(ntotal, d)`` (``None`` before the first ``add``; decoded
+        in the compute dtype if coded)."""
+        if self._data is not None and self._codes is not None:
+            return self._rows(0, len(self._data), _compute_dtype(self._data.dtype))
         return self._data
 
-    def add(self, x: Tensor) -> None:
-        """Append ``x`` of shape ``(n, d)`` (copied) to the population."""
+    @property
+    def stored(self) -> Tensor | ResidualBank | None:
+        """The population as stored: a tensor, or the coded bank."""
+        if self._data is not None and self._codes is not None:
+            assert self._codebook is not None
+            return ResidualBank(self._codebook, self._codes, self._data)
+        return self._data
+
+    def _rows(self, start: int, stop: int, cdtype: torch.dtype) -> Tensor:
+        """Population rows ``start:stop`` in ``cdtype`` (decoded if coded)."""
+        assert self._data is not None
+        rows = self._data[start:stop].to(cdtype)
+        if self._codes is not None:
+            assert self._codebook is not None
+            rows = rows + self._codebook[self._codes[start:stop].long()].to(cdtype)
+        return rows
+
+    def add(self, x: Tensor | ResidualBank) -> None:
+        """Append ``x`` of shape ``(n, d)`` (copied) to the population.
+
+        A :class:`~scio.scores.utils.bank.ResidualBank` is kept coded; rows added later to a
+        coded population are coded against its codebook.
+        """
+        first = self._data is None
+        if isinstance(x, ResidualBank):
+            if not first and self._codes is None:  # plain population: store decoded
+                x = x.decode()
+            else:
+                self._add_coded(x)
+                return
         x = x.detach()
+        if self._codes is not None and self._codebook is not None and self._data is not None:
+            self._add_coded(encode(x.to(self._codebook.device), self._codebook, self._data.dtype))
+            return
         if self._data is None:
             dtype = x.dtype if x.is_floating_point() else torch.float32
             new = x.to(dtype=dtype, copy=True).contiguous()
         else:
             new = x.to(device=self._data.device, dtype=self._data.dtype)
-        sq = None
-        if self.metric == IndexMetric.L2:  # by row chunks: no full-size temporary
-            cdtype, step = _compute_dtype(new.dtype), max(1, 2**22 // max(self.d, 1))
-            chunks = [
-                new[i : i + step].to(cdtype).square().sum(dim=1) for i in range(0, len(new), step)
-            ]
-            sq = torch.cat(chunks) if chunks else new.new_zeros(0, dtype=cdtype)
-        if self._data is None:
-            self._data, self._sqnorms = new, sq
+        self._append(new, None)
+
+    def _add_coded(self, bank: ResidualBank) -> None:
+        if self._data is None or self._codebook is None or self._codes is None:
+            self._codebook = bank.codebook.detach().clone()
+            self._append(bank.residuals.detach().clone().contiguous(), bank.codes.clone())
+            return
+        device = self._data.device
+        if bank.codebook is not self._codebook:  # another codebook: keep both, shift codes
+            offset = len(self._codebook)
+            self._codebook = torch.cat([self._codebook, bank.codebook.to(device)])
+            codes = bank.codes.to(device) + offset
         else:
-            self._data = torch.cat([self._data, new])
-            if sq is not None and self._sqnorms is not None:
-                self._sqnorms = torch.cat([self._sqnorms, sq])
+            codes = bank.codes.to(device)
+        self._append(bank.residuals.to(device=device, dtype=self._data.dtype), codes)
+
+    def _append(self, new: Tensor, codes: Tensor | None) -> None:
+        """Append stored rows (and their codes for a coded population)."""
+        start = 0 if self._data is None else len(self._data)
+        self._data = new if self._data is None else torch.cat([self._data, new])
+        if codes is not None:
+            self._codes = codes if self._codes is None else torch.cat([self._codes, codes])
+        if self.metric != IndexMetric.L2:
+            return
+        cdtype, step = _compute_dtype(new.dtype), max(1, 2**22 // max(self.d, 1))
+        stop = len(self._data)
+        chunks = [  # by row chunks: no full-size temporary
+            self._rows(i, min(i + step, stop), cdtype).square().sum(dim=1)
+            for i in range(start, stop, step)
+        ]
+        sq = torch.cat(chunks) if chunks else new.new_zeros(0, dtype=cdtype)
+        self._sqnorms = sq if self._sqnorms is None else torch.cat([self._sqnorms, sq])
 
     def remove_ids(self, ids: Tensor) -> int:
         """Remove the samples at positions ``ids`` (others keep their order); count removed."""
@@ -144,6 +202,8 @@ class TorchIndexFlat:
         n_kept = int(keep.sum())
         if n_kept < n:
             self._data = self._data[keep]
+            if self._codes is not None:
+                self._codes = self._codes[keep]
             if self._sqnorms is not None:
                 self._sqnorms = self._sqnorms[keep]
         return n - n_kept
@@ -195,7 +255,7 @@ class TorchIndexFlat:
             qsq = None if ip else qb.square().sum(dim=1, keepdim=True)
             best: tuple[Tensor, Tensor] | None = None
             for p0 in range(0, n, p_tile):
-                xb = data[p0 : p0 + p_tile].to(cdtype)
+                xb = self._rows(p0, p0 + p_tile, cdtype)
                 offset = None
                 if ip:
                     block = torch.mm(qb.neg(), xb.T)
@@ -401,7 +461,8 @@ class Index:
 
     @property
     def samples(self) -> Tensor:
-        """The indexed samples, ``(ntotal, dim)`` (as stored; faiss: float32 on CPU)."""
+        """The indexed samples, ``(ntotal, dim)`` (as stored, decoded if coded; faiss: float32
+        on CPU)."""
         if self._torch is not None:
             data = self._torch.data
             return data if data is not None else torch.empty(0, self._dim)
@@ -410,6 +471,16 @@ class Index:
         if self._backend == "faiss-ivf":
             self.faiss.make_direct_map()
         return torch.from_numpy(self.faiss.reconstruct_n(0, self.faiss.ntotal))
+
+    @property
+    def stored(self) -> Tensor | ResidualBank:
+        """The indexed samples as stored: :attr:`samples`, or the coded
+        :class:`~scio.scores.utils.bank.ResidualBank` of a torch index built from one."""
+        if self._torch is not None:
+            stored = self._torch.stored
+            if stored is not None:
+                return stored
+        return self.samples
 
     @property
     def ntotal(self) -> int:
@@ -439,10 +510,22 @@ class Index:
             )
             raise ValueError(msg)
 
-    def add(self, samples: Tensor) -> None:
-        """Add ``samples`` (flattened to ``(n, -1)``) at the end of the index."""
-        flat = _flatten(samples)
-        self._check_dim(flat)
+    def add(self, samples: Tensor | ResidualBank) -> None:
+        """Add ``samples`` (flattened to ``(n, -1)``) at the end of the index.
+
+        A :class:`~scio.scores.utils.bank.ResidualBank` (half-precision bank) stays coded in
+        the torch backend; faiss backends store it decoded (float32).
+        """
+        if isinstance(samples, ResidualBank):
+            self._check_dim(samples.residuals)
+            if self._torch is not None:
+                with torch.no_grad():
+                    self._torch.add(samples)
+                return
+            flat = samples.decode()
+        else:
+            flat = _flatten(samples)
+            self._check_dim(flat)
         if self._torch is not None:
             with torch.no_grad():
                 self._torch.add(flat)
@@ -555,16 +638,17 @@ def _drop_self(D: Tensor, I: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _group_indexes(
-    samples: Tensor,
+    samples: Tensor | ResidualBank,
     groups: Tensor | None,
     n_groups: int,
     metric: IndexMetricLike,
     backend: IndexBackend,
 ) -> tuple[Index, ...]:
-    flat = _flatten(samples)
+    flat = samples if isinstance(samples, ResidualBank) else _flatten(samples)
     dim = flat.shape[1]
+    chunks: Sequence[Tensor | ResidualBank]
     if groups is None:
-        chunks: Sequence[Tensor] = [flat]
+        chunks = [flat]
     else:
         groups = groups.detach().reshape(-1).to(flat.device)
         if groups.shape[0] != flat.shape[0]:
@@ -581,7 +665,9 @@ def _group_indexes(
             g = g[sel]
             order = g.argsort(stable=True)
             counts = torch.bincount(g, minlength=n_groups).tolist()
-            chunks = flat[sel[order]].split(counts)
+            rows = sel[order]
+            bounds = np.cumsum([0, *counts]).tolist()
+            chunks = [flat[rows[a:b]] for a, b in itertools.pairwise(bounds)]
     out = []
     for chunk in chunks:
         index = Index(dim=dim, metric=metric, backend=backend)
@@ -592,7 +678,7 @@ def _group_indexes(
 
 @overload
 def make_indexes(
-    all_samples: Tensor,
+    all_samples: Tensor | ResidualBank,
     all_groups: None = None,
     *,
     n_groups: int | None = None,
@@ -604,7 +690,7 @@ def make_indexes(
 
 @overload
 def make_indexes(
-    all_samples: Sequence[Tensor],
+    all_samples: Sequence[Tensor | ResidualBank],
     all_groups: None = None,
     *,
     n_groups: int | None = None,
@@ -616,7 +702,7 @@ def make_indexes(
 
 @overload
 def make_indexes(
-    all_samples: Tensor,
+    all_samples: Tensor | ResidualBank,
     all_groups: Tensor,
     *,
     n_groups: int | None = None,
@@ -628,7 +714,7 @@ def make_indexes(
 
 @overload
 def make_indexes(
-    all_samples: Tensor | Sequence[Tensor],
+    all_samples: Tensor | ResidualBank | Sequence[Tensor | ResidualBank],
     all_groups: Tensor | Sequence[Tensor] | None = None,
     *,
     n_groups: int | None = None,
@@ -639,7 +725,7 @@ def make_indexes(
 
 
 def make_indexes(
-    all_samples: Tensor | Sequence[Tensor],
+    all_samples: Tensor | ResidualBank | Sequence[Tensor | ResidualBank],
     all_groups: Tensor | Sequence[Tensor] | None = None,
     *,
     n_groups: int | None = None,
@@ -662,7 +748,8 @@ def make_indexes(
         ValueError: ``all_groups`` is given but ``n_groups`` is not a positive integer.
 
     """
-    samples_seq = (all_samples,) if isinstance(all_samples, Tensor) else tuple(all_samples)
+    single = isinstance(all_samples, Tensor | ResidualBank)
+    samples_seq = (all_samples,) if single else tuple(all_samples)  # type: ignore[arg-type]
     groups_seq: tuple[Tensor | None, ...]
     if all_groups is None:
         groups_seq, n = (None,), 1
@@ -681,10 +768,10 @@ def make_indexes(
         groups_seq = (all_groups,) if isinstance(all_groups, Tensor) else tuple(all_groups)
 
     squeeze_values = squeeze and all_groups is None
-    squeeze_samples = squeeze and isinstance(all_samples, Tensor)
+    squeeze_samples = squeeze and single
     squeeze_groups = squeeze and (all_groups is None or isinstance(all_groups, Tensor))
 
-    def per_samples(samples: Tensor, groups: Tensor | None) -> IndexNest:
+    def per_samples(samples: Tensor | ResidualBank, groups: Tensor | None) -> IndexNest:
         indexes = _group_indexes(samples, groups, n, metric, backend)
         return indexes[0] if squeeze_values else indexes
 
@@ -709,12 +796,6 @@ def recall_at_k(index: Index, reference: Index, queries: Tensor, k: int) -> floa
 # Feature banks of the nearest-neighbour scores (subsampling, storage dtype, backend)
 # ---------------------------------------------------------------------------------------------
 
-_BANK_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
 _BACKENDS = ("torch", "faiss", *_APPROXIMATE)
 
 
@@ -732,18 +813,12 @@ def check_bank_params(fraction: float, dtype: str | None, backend: str) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         msg = f"`bank_fraction` must lie in (0, 1] (got {fraction!r})"
         raise ValueError(msg)
-    if dtype is not None and dtype not in _BANK_DTYPES:
-        msg = f"`bank_dtype` must be None or one of {sorted(_BANK_DTYPES)} (got {dtype!r})"
+    if dtype is not None and dtype not in BANK_DTYPES:
+        msg = f"`bank_dtype` must be None or one of {sorted(BANK_DTYPES)} (got {dtype!r})"
         raise ValueError(msg)
     if backend not in _BACKENDS:
         msg = f"`index_backend` must be one of {list(_BACKENDS)} (got {backend!r})"
         raise ValueError(msg)
-
-
-def to_bank_dtype(features: Tensor, dtype: str | None) -> Tensor:
-    """``features`` in the bank's storage dtype (``None``: unchanged). Searches of float16 /
-    bfloat16 banks accumulate in float32 (see :class:`TorchIndexFlat`)."""
-    return features if dtype is None else features.to(_BANK_DTYPES[dtype])
 
 
 def bank_rows(n: int, fraction: float, seed: int, device: torch.device) -> Tensor | None:
