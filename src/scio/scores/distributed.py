@@ -23,7 +23,11 @@ Equality with a single-process fit on the rank-ordered union, per algorithm (tes
 every entry of the test catalogue, 2 gloo processes, uneven shards and an empty rank):
 
 * **bitwise** (only concatenated tensors, order preserved): KNN, LID, DkNN, Trust (also
-  with a subsampled or float16 bank: the subsample is drawn on the merged bank), IsoMax,
+  with a subsampled bank: the subsample is drawn on the merged bank; and with a float16
+  bank while no rank holds more than :data:`~scio.scores.utils.bank.TRAIN_ROWS` rows,
+  beyond which every rank codes its rows against its own codebook and the merged bank
+  equals the single-process one up to float16 rounding, see :mod:`scio.scores.utils.bank`),
+  IsoMax,
   Gram, JTLA, OpenMax, NNGuide, ReAct (exact path), and every score using the reference
   ``calibrate`` contract (e.g. :class:`~scio.scores.BaselineClassif`); scores with nothing
   to learn (Softmax, Logit, Energy, JointEnergy, ODIN, GradNorm, FeatureSqueezing, Entropy,
