@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -146,6 +147,22 @@ def test_postprocess_explicit_values() -> None:
     )
     for dtype in (torch.float16, torch.float64):
         assert _postprocess_conformity(rows.to(dtype), "diff").dtype == dtype
+        assert _postprocess_conformity(rows.to(dtype), "ratio").dtype == dtype
+
+
+def test_postprocess_infinite_conformities_are_not_nan() -> None:
+    """A class-independent -inf (e.g. SHE's fallback) broadcast to every class: equal
+    entries give 0 (diff) / 1 (ratio), not inf - inf = NaN; unequal ones stay infinite."""
+    inf = math.inf
+    rows = torch.tensor([[-inf, -inf, -inf], [1.0, -inf, 2.0], [inf, inf, 0.0]])
+    torch.testing.assert_close(
+        _postprocess_conformity(rows, "diff"),
+        torch.tensor([[0.0, 0, 0], [-1, -inf, 1], [0, 0, -inf]]),
+    )
+    torch.testing.assert_close(
+        _postprocess_conformity(rows, "ratio"),
+        torch.tensor([[1.0, 1, 1], [0.5, -inf, 2], [1, 1, 0]]),
+    )
 
 
 def test_activations_concatenate_and_normalisation(

@@ -87,5 +87,12 @@ def test_she_absent_class_falls_back_with_a_warning() -> None:
         score = SHE().fit(rnet, calib, labels)
     assert torch.isnan(score.templates[2]).all()
     assert not torch.isnan(score.templates[:2]).any()
+    predicted_2 = calib[net(calib).argmax(dim=1) == 2]
+    assert len(predicted_2)
+    for mode in ("raw", "diff", "ratio"):  # the -inf fallback never turns into NaN
+        score.mode = mode
+        conformity = score(predicted_2)[1]
+        assert not conformity.isnan().any()
+        assert (conformity == (-math.inf if mode == "raw" else 0 if mode == "diff" else 1)).all()
     with pytest.raises(TypeError, match="calib_labels"):
         SHE().fit(rnet, calib, None)

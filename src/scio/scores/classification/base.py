@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from scio.scores.base import BaseScore
@@ -18,20 +19,26 @@ def _postprocess_conformity(conformity: Tensor, mode: ScoreClassifModeLike) -> T
     ``raw`` returns the same tensor. With ``t1``, ``t2`` the two best classes of a row,
     ``diff`` gives ``c_j - c_t1`` (and ``c_t1 - c_t2`` at ``t1``), ``ratio`` gives
     ``c_j / c_t1`` (and ``c_t1 / c_t2`` at ``t1``, meant for non-negative conformities):
-    only the predicted class can be above 0 (diff) or 1 (ratio).
+    only the predicted class can be above 0 (diff) or 1 (ratio). Equal entries give exactly
+    0 (diff) or, when infinite, 1 (ratio), so an infinite class-independent conformity does
+    not become NaN.
     """
     mode = ScoreClassifMode(mode)
     if mode == ScoreClassifMode.RAW:
         return conformity
     top_values, top_idx = conformity.topk(2, dim=1)
     best, second = top_values[:, :1], top_values[:, 1:]
+    # Equal entries give exactly 0 (diff) or 1 (ratio) also when infinite, e.g. a broadcast
+    # class-independent -inf fallback, instead of inf - inf = NaN.
     if mode == ScoreClassifMode.DIFF:
-        result = conformity - best
-        result.scatter_(1, top_idx[:, :1], best - second)
+        result = torch.where(conformity == best, 0.0, conformity - best)
+        result.scatter_(1, top_idx[:, :1], torch.where(best == second, 0.0, best - second))
         return result
     if mode == ScoreClassifMode.RATIO:
-        result = conformity / best
-        result.scatter_(1, top_idx[:, :1], best / second)
+        infinite = best.isinf()
+        result = torch.where(infinite & (conformity == best), 1.0, conformity / best)
+        top = torch.where(infinite & (best == second), 1.0, best / second)
+        result.scatter_(1, top_idx[:, :1], top)
         return result
     msg = f"Unsupported mode: {mode!r}"
     raise ValueError(msg)
