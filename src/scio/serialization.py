@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
@@ -55,15 +56,11 @@ def _encode(value: Any) -> Any:
         return value.detach().cpu().clone()
     if isinstance(value, Index):
         stored = value.stored
+        head = {_INDEX_TAG: True, "dim": value.dim, "metric": str(value.metric)}
+        head["options"] = _encode(value.options)  # backend: approximate indexes are rebuilt
         if isinstance(stored, ResidualBank):  # a coded half-precision bank stays coded
-            return {_INDEX_TAG: True, "dim": value.dim, "metric": str(value.metric),
-                    "bank": _encode(stored)}  # fmt: skip
-        return {
-            _INDEX_TAG: True,
-            "dim": value.dim,
-            "metric": str(value.metric),
-            "samples": stored.detach().cpu().clone(),
-        }
+            return {**head, "bank": _encode(stored)}
+        return {**head, "samples": stored.detach().cpu().clone()}
     if isinstance(value, ResidualBank):
         return {
             _BANK_TAG: True,
@@ -103,13 +100,32 @@ class _Target:
         return tensor.to(device=self.device)
 
 
+def _rebuilt_index(value: Mapping[str, Any]) -> Index:
+    """An empty index with the saved dimension, metric and options (files written before
+    options were saved: the exact torch index). A faiss backend that cannot be imported
+    here falls back to the exact torch index, with a warning."""
+    options = dict(value.get("options") or {})
+    dim, metric = int(value["dim"]), value["metric"]
+    try:
+        return Index(dim=dim, metric=metric, **options)
+    except ImportError:
+        warnings.warn(
+            f"The saved index used the {options.get('backend')!r} backend, but faiss cannot be "
+            "imported here: loading it as the exact torch index (`pip install scio[faiss]` "
+            "to keep the saved backend)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return Index(dim=dim, metric=metric)
+
+
 def _decode(value: Any, target: _Target) -> Any:
     """Inverse of :func:`_encode`, moving tensors as ``target`` says."""
     if isinstance(value, Tensor):
         return target(value)
     if isinstance(value, dict):
         if value.get(_INDEX_TAG) is True:
-            index = Index(dim=int(value["dim"]), metric=value["metric"])
+            index = _rebuilt_index(value)
             samples = (
                 _decode(value["bank"], target) if "bank" in value else target(value["samples"])
             )

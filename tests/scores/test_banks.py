@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,32 @@ def test_float16_bank_neighbours_on_real_features() -> None:
     assert agreement(coded, 5) >= 0.999
     assert agreement(coded, 1) >= 0.999
     assert agreement(coded, 50) > agreement(plain, 50) + 0.01  # 99.57 % against 98.04 %
+
+
+@pytest.mark.parametrize("backend", ["faiss", "faiss-ivf", "faiss-hnsw"])
+def test_saved_index_keeps_its_backend(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("faiss")
+    import scio
+    import scio.scores.utils.index as index_module
+
+    x, y, queries = _data(200)
+    net = make_net()
+    score = scores.KNN(k=3, index_backend=backend).fit(_rnet(net), x, y)
+    path = tmp_path / "knn.pt"
+    score.save(path)
+    loaded = scio.load_score(path, net)
+    assert loaded.index.backend == backend
+    assert loaded.index.options == score.index.options
+    # the saved samples re-indexed with the saved options (200 samples: IVF's 5 lists are
+    # all probed and HNSW's search is exhaustive, so the results are the exact ones)
+    torch.testing.assert_close(loaded(queries)[1], score(queries)[1], rtol=0, atol=0)
+
+    def no_faiss() -> None:
+        raise ImportError("no faiss here")
+
+    monkeypatch.setattr(index_module, "_import_faiss", no_faiss)
+    with pytest.warns(UserWarning, match=f"used the '{backend}' backend, but faiss cannot"):
+        fallback = scio.load_score(path, net)
+    assert fallback.index.backend == "torch"

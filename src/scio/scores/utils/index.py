@@ -460,6 +460,12 @@ class Index:
         return self._backend
 
     @property
+    def options(self) -> dict[str, Any]:
+        """The construction options that :func:`scio.load_score` needs to rebuild the index:
+        the backend and the approximate-search parameters."""
+        return {"backend": self._backend, **self._approx}
+
+    @property
     def samples(self) -> Tensor:
         """The indexed samples, ``(ntotal, dim)`` (as stored, decoded if coded; faiss: float32
         on CPU)."""
