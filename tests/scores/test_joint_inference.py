@@ -109,7 +109,7 @@ def test_unfitted_and_empty() -> None:
     with pytest.raises(ValueError, match="at least one"):
         JointInference([])
     rnet = Recorder(net, input_data=calib[:1])
-    with pytest.raises(RuntimeError, match=r"scores\[0\] \(Softmax\) needs to be fit"):
+    with pytest.raises(RuntimeError, match=r"scores\[0\]` \(Softmax\) is not fitted: fit it"):
         JointInference([Softmax()])
     score = Softmax().fit(rnet, calib)
     with pytest.raises(ValueError, match="batch_size"):

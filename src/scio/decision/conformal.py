@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from scio.decision import pvalues as P
 from scio.scores.base import BaseScore
 from scio.scores.calibration import as_batches
+from scio.scores.validation import fitted_scores
 
 __all__ = ["MIN_HOLDOUT", "ConformalDetector", "DetectorFileError"]
 
@@ -83,20 +84,11 @@ class ConformalDetector:
         randomize: bool = False,
         seed: int = 0,
     ) -> None:
-        listed = [scores] if isinstance(scores, BaseScore) else list(scores)
-        if not listed:
-            msg = "`scores` must hold at least one fitted score (got none)"
-            raise ValueError(msg)
-        for i, score in enumerate(listed):
-            if not isinstance(score, BaseScore):
-                msg = f"`scores[{i}]` must be a scio score (got {type(score).__name__})"
-                raise TypeError(msg)
-            if not score.is_fit:
-                msg = (
-                    f"`scores[{i}]` ({type(score).__name__}) is not fitted: fit it on "
-                    "training data before building a detector"
-                )
-                raise ValueError(msg)
+        listed = fitted_scores(
+            scores,
+            unfit_error=ValueError,
+            hint="fit it on training data before building a detector",
+        )
         P.combination_factor(len(listed), combine)  # validates `combine`
         self.scores = listed
         self.combine: P.CombineMethod = combine

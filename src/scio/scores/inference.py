@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from scio.recorder import Recorder, SharedForward, shared_forward
 from scio.scores.base import BaseScore
-from scio.scores.validation import eval_mode
+from scio.scores.validation import eval_mode, fitted_scores
 
 __all__ = ["JointInference", "infer_jointly"]
 
@@ -52,17 +52,7 @@ class JointInference:
     """
 
     def __init__(self, scores: Sequence[BaseScore]) -> None:
-        scores = list(scores)
-        if not scores:
-            msg = "`scores` must hold at least one fitted score (got none)"
-            raise ValueError(msg)
-        for i, score in enumerate(scores):
-            if not isinstance(score, BaseScore):
-                msg = f"`scores[{i}]` must be a scio score (got {type(score).__name__})"
-                raise TypeError(msg)
-            if not score.is_fit:
-                msg = f"{_score_name(i, score)} needs to be fit before inference"
-                raise RuntimeError(msg)
+        scores = fitted_scores(scores, unfit_error=RuntimeError, hint="fit it before inference")
         net = scores[0].rnet.net
         for i, score in enumerate(scores[1:], 1):
             if score.rnet.net is not net:

@@ -1,15 +1,19 @@
-"""Input checks and the no-side-effect guard shared by every score."""
+"""Input checks and the no-side-effect guard shared by every score, and the checks of
+objects built on several fitted scores (joint inference, conformal detectors)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-__all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode"]
+if TYPE_CHECKING:
+    from scio.scores.base import BaseScore
+
+__all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode", "fitted_scores"]
 
 
 def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str) -> None:
@@ -88,3 +92,29 @@ def eval_mode(net: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def fitted_scores(
+    scores: BaseScore | Iterable[BaseScore], *, unfit_error: type[Exception], hint: str
+) -> list[BaseScore]:
+    """``scores`` as a non-empty list of fitted scio scores.
+
+    Raises:
+        ValueError: no score.
+        TypeError: an entry is not a scio score (named by its position).
+        unfit_error: an entry is not fitted; the message names it and ends with ``hint``.
+    """
+    from scio.scores.base import BaseScore  # the base module imports this one
+
+    listed = [scores] if isinstance(scores, BaseScore) else list(scores)
+    if not listed:
+        msg = "`scores` must hold at least one fitted score (got none)"
+        raise ValueError(msg)
+    for i, score in enumerate(listed):
+        if not isinstance(score, BaseScore):
+            msg = f"`scores[{i}]` must be a scio score (got {type(score).__name__})"
+            raise TypeError(msg)
+        if not score.is_fit:
+            msg = f"`scores[{i}]` ({type(score).__name__}) is not fitted: {hint}"
+            raise unfit_error(msg)
+    return listed
