@@ -197,6 +197,54 @@ def test_mismatched_ranks_raise_on_every_rank_without_hanging(tmp_path: Path) ->
         assert final == f"fit on {N}"
 
 
+def _broken(batches: list[tuple[Tensor, Tensor]], after: int) -> Any:
+    """The batches, then a failing data loader after ``after`` of them."""
+    yield from batches[:after]
+    msg = "broken shard"
+    raise OSError(msg)
+
+
+def _failure_worker(rank: int) -> list[str]:
+    """Rank 1's data loader fails (mid-stream, then at its first batch): rank 0 must raise
+    instead of waiting in the merge; rank 1 raises its own error."""
+    x, y, _ = _data()
+    shard = _batches(x, y, *SCENARIOS["uneven"][rank])
+    messages = []
+    entry = BY_NAME["KNN"]
+    runs = (
+        lambda data: entry.make().fit(_rec(make_net(), entry.layers), data, distributed=True),
+        lambda data: fit_jointly(
+            [(entry.make(), entry.layers), (BY_NAME["DeepMahalanobis"].make(), ((1, 4),))],
+            make_net(),
+            data,
+            distributed=True,
+        ),
+    )
+    for run in runs:
+        for after in (1, 0):
+            data = _broken(shard, after) if rank == 1 else shard
+            try:
+                run(data)
+            except (DistributedMismatchError, OSError) as exc:
+                messages.append(f"{type(exc).__name__}: {exc}")
+            else:
+                messages.append("no error")
+    knn = entry.make().fit(_rec(make_net(), entry.layers), shard, distributed=True)
+    messages.append(f"fit on {knn._fit_n_samples}")  # the group still works
+    return messages
+
+
+def test_a_failing_rank_releases_the_others(tmp_path: Path) -> None:
+    results = run_ranks(_failure_worker, tmp_path)
+    assert [status for status, _ in results] == ["ok", "ok"], results
+    (_, healthy), (_, failing) = results
+    assert healthy[-1] == failing[-1] == f"fit on {N}"
+    for message in healthy[:-1]:
+        assert message.startswith("DistributedMismatchError"), message
+        assert "failed on another rank" in message and "rank 1: OSError: broken shard" in message
+    assert all(message == "OSError: broken shard" for message in failing[:-1]), failing
+
+
 def _group_worker(rank: int) -> int:
     """A sub-group given explicitly (here: both ranks) is used for the merge."""
     x, y, _ = _data()

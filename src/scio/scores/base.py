@@ -13,6 +13,7 @@ calib_labels)`` + ``get_conformity(inputs)`` (batches are then concatenated befo
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from abc import abstractmethod
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from scio.recorder import Recorder
 
 __all__ = ["BaseScore", "FitSession", "NoCalibration", "ParamError", "StreamingCalibration"]
+
+_log = logging.getLogger(__name__)
 
 
 def _same_value(a: object, b: object) -> bool:
@@ -192,8 +195,12 @@ class BaseScore(ParamClass):
     ) -> BaseScore:
         """Run calibration on a stream of batches."""
         session = FitSession(self, rnet, n_known, group=group)
-        for batch in batches:
-            session.update(batch)
+        try:
+            for batch in batches:
+                session.update(batch)
+        except Exception as exc:
+            session.abort(exc)
+            raise
         session.finish()
         return self
 
@@ -356,6 +363,18 @@ class FitSession:
                 raise
         self.n_samples += len(batch)
         self.duration += perf_counter() - start
+
+    def abort(self, exc: BaseException) -> None:
+        """After ``exc`` ended this rank's stream: report it to the other ranks (distributed
+        fits; they raise instead of waiting in the merge). The score stays unfit."""
+        if self.group is None:
+            return
+        from scio.scores.distributed import report_failure
+
+        try:
+            report_failure(self.group, exc)
+        except Exception:
+            _log.debug("could not report the failure to the other ranks", exc_info=True)
 
     def finish(self) -> None:
         """Compute the fitted state, mark the score fit and store the duration."""

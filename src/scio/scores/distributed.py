@@ -39,8 +39,12 @@ every entry of the test catalogue, 2 gloo processes, uneven shards and an empty 
   state kept for inference is the rank's own); ReAct's sketch path (its certified rank
   error bound holds for the union).
 
-Errors raised by one rank inside its own stream (e.g. invalid labels) are not collective:
-the other ranks then wait in the merge until the process group's timeout.
+An exception raised by one rank inside its own stream (e.g. invalid labels, a failing
+data loader) is reported to the others in the same fingerprint exchange
+(:func:`report_failure`): they raise :class:`DistributedMismatchError` naming that rank and
+its error, and the failing rank re-raises its own exception, so no rank waits. A rank that
+dies (killed, out of memory) still leaves the others waiting until the process group's
+timeout.
 """
 
 from __future__ import annotations
@@ -58,7 +62,13 @@ from scio.scores.calibration import CalibState
 if TYPE_CHECKING:
     from scio.scores.base import BaseScore, FitSession
 
-__all__ = ["DistributedMismatchError", "example_input", "merge_session", "resolve_group"]
+__all__ = [
+    "DistributedMismatchError",
+    "example_input",
+    "merge_session",
+    "report_failure",
+    "resolve_group",
+]
 
 #: Private attributes created during calibration that are not copied to empty ranks (the
 #: others, plain values and tensors such as a score's class count or a fixed origin, are).
@@ -124,6 +134,33 @@ class _Spec:
     sums: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     buffer: tuple[tuple[int, ...], str, str, str] | None  # inputs shape, dtype; labels kind, dtype
     extras: dict[str, Any]
+
+
+@dataclass
+class _Failure:
+    """Sent instead of a :class:`_Spec` by a rank whose calibration stream raised."""
+
+    message: str
+
+
+def report_failure(group: Any, exc: BaseException) -> None:
+    """Tell the other ranks, waiting in :func:`merge_session`, that this rank's calibration
+    stream raised ``exc`` (collective: it takes part in their fingerprint exchange)."""
+    failure = _Failure(f"{type(exc).__name__}: {exc}"[:500])
+    specs: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(specs, failure, group=group)
+
+
+def _raise_failures(gathered: list[Any]) -> None:
+    """Raise on a healthy rank if another one reported a failure (:func:`report_failure`)."""
+    failed = [(rank, item) for rank, item in enumerate(gathered) if isinstance(item, _Failure)]
+    if failed:
+        lines = "\n  ".join(f"rank {rank}: {item.message}" for rank, item in failed)
+        msg = (
+            "Distributed calibration: the calibration stream failed on another rank (every "
+            f"other rank raises this error):\n  {lines}"
+        )
+        raise DistributedMismatchError(msg)
 
 
 def _labels_kind(labels: list[Any]) -> str:
@@ -276,6 +313,7 @@ def merge_session(group: Any, score: BaseScore, session: FitSession, attrs_befor
     local = _local_spec(score, session, attrs_before)
     specs: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(specs, local, group=group)
+    _raise_failures(specs)
     full = _check_agreement(specs)
     total = sum(spec.n_samples for spec in specs)
     if not full:
@@ -358,6 +396,7 @@ def example_input(group: Any, local: Tensor | None, net: torch.nn.Module) -> Ten
     """
     examples: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(examples, None if local is None else local.detach().cpu(), group=group)
+    _raise_failures(examples)
     if local is not None:
         return local
     found = next((example for example in examples if example is not None), None)

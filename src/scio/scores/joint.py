@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from scio.recorder import DepthIdx, Recorder
 from scio.scores.base import BaseScore, FitSession
 from scio.scores.calibration import CalibBatch, as_batches
-from scio.scores.distributed import example_input, resolve_group
+from scio.scores.distributed import example_input, report_failure, resolve_group
 from scio.scores.inference import JointInference, infer_jointly
 from scio.scores.validation import eval_mode
 
@@ -78,7 +78,12 @@ def fit_jointly(
         stream, n_known = as_batches(calib_data, calib_labels)
     group = resolve_group(distributed)
     iterator = iter(stream)
-    first: tuple[Tensor, Any] | None = next(iterator, None)
+    try:
+        first: tuple[Tensor, Any] | None = next(iterator, None)
+    except Exception as exc:
+        if group is not None:  # the other ranks wait in `example_input`: release them
+            report_failure(group, exc)
+        raise
     if group is not None:  # an empty rank borrows the probe input of another rank
         probe = example_input(group, None if first is None else first[0][:1], net)
     elif first is None:
@@ -97,11 +102,17 @@ def fit_jointly(
         rnet.record(*layers)
         sessions.append((FitSession(score, rnet, n_known, group=group), set(rnet.recording)))
 
-    with eval_mode(net):
-        for session, _ in sessions:
-            session.prepare(first[0] if first is not None else probe)  # e.g. head discovery
-        union._tap(*(module for session, _ in sessions for module in session.score.rnet._taps))
-        _run(sessions, union, chain([first] if first else [], iterator), on_batch)
+    try:
+        with eval_mode(net):
+            for session, _ in sessions:
+                session.prepare(first[0] if first is not None else probe)  # e.g. head discovery
+            union._tap(*(module for session, _ in sessions for module in session.score.rnet._taps))
+            _run(sessions, union, chain([first] if first else [], iterator), on_batch)
+    except Exception as exc:
+        # the other ranks stop at the first score's merge: one report is what they wait for
+        sessions[0][0].abort(exc)
+        union.remove_hooks()
+        raise
     for session, _ in sessions:
         session.finish()
     union.remove_hooks()
