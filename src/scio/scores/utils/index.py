@@ -138,8 +138,8 @@ class TorchIndexFlat:
     def add(self, x: Tensor | ResidualBank) -> None:
         """Append ``x`` of shape ``(n, d)`` (copied) to the population.
 
-        A :class:`~scio.scores.utils.bank.ResidualBank` is kept coded; rows added later to a
-        coded population are coded against its codebook.
+        A :class:`~scio.scores.utils.bank.ResidualBank` is kept coded, without a copy of its
+        tensors; rows added later to a coded population are coded against its codebook.
         """
         first = self._data is None
         if isinstance(x, ResidualBank):
@@ -161,8 +161,11 @@ class TorchIndexFlat:
 
     def _add_coded(self, bank: ResidualBank) -> None:
         if self._data is None or self._codebook is None or self._codes is None:
-            self._codebook = bank.codebook.detach().clone()
-            self._append(bank.residuals.detach().clone().contiguous(), bank.codes.clone())
+            # stored without a copy (a bank is built for its index; the index never writes
+            # in place): a 1M-row bank is not held twice, and the per-class indexes of one
+            # bank share its codebook
+            self._codebook = bank.codebook.detach()
+            self._append(bank.residuals.detach().contiguous(), bank.codes.detach())
             return
         device = self._data.device
         if bank.codebook is not self._codebook:  # another codebook: keep both, shift codes
