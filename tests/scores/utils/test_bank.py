@@ -152,3 +152,25 @@ def test_coded_banks_survive_save_and_load(name: str, tmp_path: object) -> None:
     )
     assert isinstance(stored, ResidualBank) and stored.codebook.dtype == torch.float32
     torch.testing.assert_close(loaded(x[:6])[1], score(x[:6])[1], rtol=0, atol=0)
+
+
+def test_backend_list_matches_the_index_backends() -> None:
+    import typing
+
+    from scio.scores.utils.index import IndexBackend
+
+    assert typing.get_args(IndexBackend) == B._BACKENDS
+
+
+def test_banks_sharing_a_codebook_store_it_once() -> None:
+    x = _blobs(100)
+    bank = encode(x, kmeans(x, 6), torch.float16)
+    index = Index(dim=6, metric="l2")
+    index.add(bank[:50])
+    index.add(bank[50:])
+    stored = index.stored
+    assert isinstance(stored, ResidualBank) and len(stored.codebook) == 6
+    other = encode(x[:10], kmeans(x[:10], 3), torch.float16)
+    index.add(other)  # another codebook: appended, codes shifted
+    assert len(index.stored.codebook) == 9  # type: ignore[union-attr]
+    torch.testing.assert_close(index.samples[-10:], other.decode(), rtol=0, atol=0)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+import scio.scores.utils.flat as flat_module
 import scio.scores.utils.index as index_module
 from scio.scores.utils import Index, make_indexes
 from scio.scores.utils.index import IndexType, TorchIndexFlatIP, TorchIndexFlatL2
@@ -427,12 +428,12 @@ def test_exact_ties_against_reference(
     k = max(0, n + extra_k)
     index = Index(dim=d, metric=metric, max_block_bytes=16 if tiny_blocks else 2**28)
     index.add(population)
-    old = index_module._DIRECT_L2_MAX_ELEMENTS
-    index_module._DIRECT_L2_MAX_ELEMENTS = -1 if gemm else old
+    old = flat_module._DIRECT_L2_MAX_ELEMENTS
+    flat_module._DIRECT_L2_MAX_ELEMENTS = -1 if gemm else old
     try:
         D, I = index.search(queries, k, self_query=self_query)
     finally:
-        index_module._DIRECT_L2_MAX_ELEMENTS = old
+        flat_module._DIRECT_L2_MAX_ELEMENTS = old
     assert_matches_reference(
         D, I, population, queries, k, metric, self_query=self_query, exact=True
     )
@@ -445,7 +446,7 @@ def test_l2_cancellation_never_negative(
     """Large norms and tiny distances: the GEMM formula is clamped at 0 (float32: values are
     cancellation noise, like faiss); in float64 duplicates of the query are tied at exactly the
     same value and come lower id first."""
-    monkeypatch.setattr(index_module, "_DIRECT_L2_MAX_ELEMENTS", -1)
+    monkeypatch.setattr(flat_module, "_DIRECT_L2_MAX_ELEMENTS", -1)
     base = 1000 + random_data(0, 1, 16, dtype=dtype)
     population = torch.cat([base + 1e-4 * random_data(1, 20, 16, dtype=dtype), base, base])
     queries = torch.cat([base, population[:5]])

@@ -12,11 +12,8 @@ from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.classification.knn import check_bank
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
-from scio.scores.utils.bank import append_rows, as_dense, has_rows, take_rows
-from scio.scores.utils.index import (
-    IndexBackend,
-    bank_rows,
-)
+from scio.scores.utils.bank import append_rows, as_dense, bank_rows, has_rows, take_rows
+from scio.scores.utils.index import IndexBackend
 from scio.utils.enums import AggrNameLike, IndexMetricLike
 from scio.utils.misc import check
 

@@ -10,13 +10,8 @@ from scio.scores.base import ParamError, StreamingCalibration
 from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import Index, make_indexes
-from scio.scores.utils.bank import append_rows, take_rows
-from scio.scores.utils.index import (
-    IndexBackend,
-    bank_rows,
-    bank_size,
-    check_bank_params,
-)
+from scio.scores.utils.bank import append_rows, bank_rows, bank_size, check_bank_params, take_rows
+from scio.scores.utils.index import IndexBackend
 from scio.utils.enums import IndexMetric, IndexMetricLike
 from scio.utils.misc import check
 

@@ -13,11 +13,8 @@ from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.classification.knn import check_bank
 from scio.scores.utils import Index, make_indexes
-from scio.scores.utils.bank import append_rows, take_rows
-from scio.scores.utils.index import (
-    IndexBackend,
-    bank_rows,
-)
+from scio.scores.utils.bank import append_rows, bank_rows, take_rows
+from scio.scores.utils.index import IndexBackend
 from scio.utils.misc import check
 
 __all__ = ["LID"]

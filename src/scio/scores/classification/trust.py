@@ -12,12 +12,15 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.utils import make_indexes
-from scio.scores.utils.bank import ResidualBank, append_rows, as_dense, take_rows
-from scio.scores.utils.index import (
-    IndexBackend,
+from scio.scores.utils.bank import (
+    ResidualBank,
+    append_rows,
+    as_dense,
     bank_rows,
     check_bank_params,
+    take_rows,
 )
+from scio.scores.utils.index import IndexBackend
 from scio.utils.misc import check
 
 __all__ = ["Trust"]

@@ -1,4 +1,5 @@
-"""Half-precision feature banks: float16/bfloat16 residuals to a small k-means codebook.
+"""Feature banks of the nearest-neighbour scores: half-precision storage (float16/bfloat16
+residuals to a small k-means codebook) and the bank parameters (subsampling, dtype, backend).
 
 Why. Rounding a bank row ``x`` to float16 moves each value by up to ``2**-11`` of itself, so
 the distance to a query moves by ~1e-4 relatively and near-tied neighbours swap: plain
@@ -33,6 +34,7 @@ half-precision rounding of the residuals (different codebooks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,6 +54,9 @@ __all__ = [
     "append_rows",
     "as_dense",
     "assign",
+    "bank_rows",
+    "bank_size",
+    "check_bank_params",
     "encode",
     "has_rows",
     "kmeans",
@@ -292,3 +297,44 @@ def _concat_shared(segments: list[ResidualBank]) -> ResidualBank:
         else:
             banks.append(segment)
     return banks[0] if len(banks) == 1 else concat(banks)
+
+
+# -- bank parameters of the nearest-neighbour scores (subsampling, storage dtype, backend) ------
+#: The values of :data:`scio.scores.utils.index.IndexBackend` (tested to stay equal).
+_BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
+
+
+def bank_size(n: int, fraction: float) -> int:
+    """Number of calibration samples kept by a bank subsampled at ``fraction``: ``⌈α·n⌉``."""
+    return max(1, math.ceil(fraction * n)) if n else 0
+
+
+def check_bank_params(fraction: float, dtype: str | None, backend: str) -> None:
+    """Validate a bank's subsampling fraction ``α ∈ (0, 1]``, storage dtype and backend.
+
+    Raises:
+        ValueError: naming the argument, the expected and the actual value.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        msg = f"`bank_fraction` must lie in (0, 1] (got {fraction!r})"
+        raise ValueError(msg)
+    if dtype is not None and dtype not in BANK_DTYPES:
+        msg = f"`bank_dtype` must be None or one of {sorted(BANK_DTYPES)} (got {dtype!r})"
+        raise ValueError(msg)
+    if backend not in _BACKENDS:
+        msg = f"`index_backend` must be one of {list(_BACKENDS)} (got {backend!r})"
+        raise ValueError(msg)
+
+
+def bank_rows(n: int, fraction: float, seed: int, device: torch.device) -> Tensor | None:
+    """Sorted positions of the ``⌈α·n⌉`` calibration samples kept in the bank (``None``: all).
+
+    A uniform subsample without replacement, drawn from a CPU generator seeded with ``seed``
+    (the same on every machine and for any batching or sharding of the calibration set), as
+    in the KNN paper's random fraction α of the training set (Sun et al., ICML 2022).
+    """
+    if fraction >= 1:
+        return None
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = torch.randperm(n, generator=generator)[: bank_size(n, fraction)]
+    return rows.sort().values.to(device)
