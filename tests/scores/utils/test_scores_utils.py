@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+import scio.scores.utils.stats as stats_module
 import scio.scores.utils.utils as utils_module
 from scio.scores.utils import (
     Index,
@@ -741,6 +742,6 @@ def test_multinomial_test_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         MLE = "mle"
         NEW = "unexpected"
 
-    monkeypatch.setattr(utils_module, "MultinomialTestMode", ModeWithNew)
+    monkeypatch.setattr(stats_module, "MultinomialTestMode", ModeWithNew)
     with pytest.raises(ValueError, match="^Unsupported mode: 'unexpected'$"):
         multinomial_test(torch.ones(2, 3), 1.0, "unexpected")  # type: ignore[arg-type]
