@@ -31,7 +31,7 @@ def _stream(x: torch.Tensor, sizes: list[int], dtype: str = "float16") -> Residu
         append_rows(state, "f", x[start : start + size], dtype)
         start += size
     assert start == len(x)
-    bank = take_rows(state, "f", dtype)
+    bank = take_rows(state, "f")
     assert isinstance(bank, ResidualBank)
     assert not any(name.startswith("f.") for name in state._parts)  # all parts freed
     return bank
@@ -98,7 +98,7 @@ def test_merged_ranks_keep_the_union_order(monkeypatch: pytest.MonkeyPatch) -> N
         for a, b in itertools.pairwise(bounds):
             if b > a:  # an empty rank contributes no part
                 state.merge(rank_state(x[a:b], [5] * ((b - a) // 5) + [(b - a) % 5]))
-        bank = take_rows(state, "f", "float16")
+        bank = take_rows(state, "f")
         assert isinstance(bank, ResidualBank)
         return bank
 

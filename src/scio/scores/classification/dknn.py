@@ -107,9 +107,7 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         n_layers = 0
         while has_rows(state, f"features{n_layers}"):
             n_layers += 1
-        features = tuple(
-            take_rows(state, f"features{layer}", self.bank_dtype) for layer in range(n_layers)
-        )
+        features = tuple(take_rows(state, f"features{layer}") for layer in range(n_layers))
         labels = state.cat("labels")
         rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
         if rows is not None:

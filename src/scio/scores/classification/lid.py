@@ -72,7 +72,7 @@ class LID(StreamingCalibration, BaseScoreClassif):
         append_rows(self._state, "features", features, self.bank_dtype)
 
     def _calib_end(self) -> None:
-        features = take_rows(self._state, "features", self.bank_dtype)  # parts freed once joined
+        features = take_rows(self._state, "features")  # parts freed once joined
         rows = bank_rows(len(features), self.bank_fraction, self.bank_seed, features.device)
         bank = features if rows is None else features[rows]
         self.index: Index = make_indexes(bank, metric="l2", backend=self.index_backend)

@@ -93,7 +93,7 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         self._n_classes = n_classes
 
     def _calib_end(self) -> None:
-        features = take_rows(self._state, "features", self.bank_dtype)
+        features = take_rows(self._state, "features")
         labels = self._state.cat("labels")
         rows = bank_rows(len(labels), self.bank_fraction, self.bank_seed, labels.device)
         if rows is not None:

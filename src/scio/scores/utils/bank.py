@@ -250,19 +250,20 @@ def has_rows(state: CalibState, name: str) -> bool:
     return name in state or f"{name}.layout" in state
 
 
-def take_rows(state: CalibState, name: str, dtype: str | None) -> Tensor | ResidualBank:
-    """Remove the rows stored under ``name`` and return them in stream (rank) order.
+def take_rows(state: CalibState, name: str) -> Tensor | ResidualBank:
+    """Remove the rows stored under ``name`` by :func:`append_rows` and return them in
+    stream (rank) order.
 
     Half-precision dtypes give a :class:`ResidualBank`; the rows of a stream (or of the
     ranks) that never reached :data:`TRAIN_ROWS` are coded here.
     """
     if f"{name}.layout" not in state:
         return _pop(state, name)
-    storage = BANK_DTYPES[dtype] if dtype is not None else torch.float16
     key = {field: f"{name}.{field}" for field in _FIELDS}
     layout = _pop(state, key["layout"]).tolist()
     pending, codebooks = _pop(state, key["pending"]), _pop(state, key["codebook"])
     codes, residuals = _pop(state, key["codes"]), _pop(state, key["residuals"])
+    storage = residuals.dtype  # the storage dtype (an empty part exists from the first batch)
     late = encode(pending, kmeans(pending[:TRAIN_ROWS]), storage) if len(pending) else None
     segments: list[ResidualBank] = []
     at = {"pending": 0, "codes": 0, "codebook": 0}
