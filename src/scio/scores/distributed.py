@@ -33,7 +33,8 @@ every entry of the test catalogue, 2 gloo processes, uneven shards and an empty 
   to learn (Softmax, Logit, Energy, JointEnergy, ODIN, GradNorm, FeatureSqueezing, Entropy,
   GEN, ASH, SCALE) trivially;
 * **within float tolerance** (running sums, whose addition order differs: per-rank partial
-  sums, then the all-reduce): DeepMahalanobis, RelativeMahalanobis, ViM, KLM, DICE, fDBD,
+  sums, then the all-reduce): DeepMahalanobis, RelativeMahalanobis, ViM (past its kept-
+  feature budget, within the subsample's statistical error instead), KLM, DICE, fDBD,
   NCI, SHE, and Odds (only with ``epsilon == 0``: with noise, every rank draws its own noise
   stream, so the fit equals a single-process fit in distribution only, and the generator
   state kept for inference is the rank's own); ReAct's sketch path (its certified rank

@@ -117,7 +117,9 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
     (every ``s``-th sample of the stream, ``s`` the smallest power of two that fits the
     budget; the same rows for a tensor or a DataLoader fit) and the mean is estimated from
     at least ``budget / (2d)`` rows (relative standard error ``cv(r) / sqrt(rows)``, below
-    0.3 % for ``d = 2048`` at a ``cv`` of 0.2).
+    0.3 % for ``d = 2048`` at a ``cv`` of 0.2). In a distributed fit each rank thins its own
+    shard (rows weighted by their rank's stride), so past the budget the distributed ``α``
+    equals the single-process one only within that statistical error.
 
     Args:
         dim: ``D``, size of the principal space, ``0 < D < d``. ``None``: the paper's rule
