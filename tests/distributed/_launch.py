@@ -1,4 +1,5 @@
-"""Run a function on 2 gloo ranks in spawned processes, with a bounded wait (no hang)."""
+"""Run a function on ranks in spawned processes (2 gloo ranks by default), with a bounded
+wait (no hang)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ TIMEOUT_S = 120.0
 WORLD = 2
 
 
-def _entry(fn: Callable[[int], Any], rank: int, tmp: str) -> None:
+def _entry(fn: Callable[[int], Any], rank: int, tmp: str, backend: str, world: int) -> None:
     torch.set_num_threads(1)
     out = Path(tmp) / f"result{rank}.pkl"
     try:
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{tmp}/rendezvous",
             rank=rank,
-            world_size=WORLD,
+            world_size=world,
             timeout=timedelta(seconds=TIMEOUT_S / 2),
         )
         try:
@@ -37,10 +38,15 @@ def _entry(fn: Callable[[int], Any], rank: int, tmp: str) -> None:
     out.write_bytes(pickle.dumps(result))
 
 
-def run_ranks(fn: Callable[[int], Any], tmp: Path) -> list[tuple[str, Any]]:
+def run_ranks(
+    fn: Callable[[int], Any], tmp: Path, *, backend: str = "gloo", world: int = WORLD
+) -> list[tuple[str, Any]]:
     """``[(status, value)]`` per rank; fails (kills the ranks) if they do not end in time."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(fn, rank, str(tmp))) for rank in range(WORLD)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, rank, str(tmp), backend, world))
+        for rank in range(world)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -54,7 +60,7 @@ def run_ranks(fn: Callable[[int], Any], tmp: Path) -> list[tuple[str, Any]]:
         msg = f"ranks {alive} did not finish within {TIMEOUT_S} s (hang)"
         raise AssertionError(msg)
     results = []
-    for rank in range(WORLD):
+    for rank in range(world):
         path = tmp / f"result{rank}.pkl"
         assert path.exists(), f"rank {rank} exited with code {procs[rank].exitcode} and no result"
         results.append(pickle.loads(path.read_bytes()))

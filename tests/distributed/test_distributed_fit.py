@@ -273,3 +273,28 @@ def test_distributed_without_process_group_says_how_to_initialise() -> None:
     assert not score.is_fit
     with pytest.raises(TypeError, match="`distributed` must be a bool or a torch.distributed"):
         score.fit(rnet, x, y, distributed="yes")
+
+
+def _nccl_worker(rank: int) -> list[str]:
+    """One NCCL rank on the GPU: the merge's collectives run on CUDA tensors (NCCL cannot
+    put two ranks on one GPU, so a single-GPU machine tests one rank)."""
+    torch.cuda.set_device(rank)
+    x, y, queries = (t.cuda() for t in _data())
+    problems = []
+    for name in ("KNN-bank", "DeepMahalanobis", "ReAct", "Trust", "NNGuide"):
+        entry = next(e for e in (*EXTRA, *CATALOGUE) if e.name == name)
+        net = make_net().cuda()
+        single = entry.make().fit(_rec(net, entry.layers), _batches(x, y, 0, N))
+        merged = entry.make().fit(_rec(net, entry.layers), _batches(x, y, 0, N), distributed=True)
+        got, expected = merged(queries)[1], single(queries)[1]
+        if got.device.type != "cuda" or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            problems.append(name)
+    return problems
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL"
+)
+def test_nccl_backend_on_one_gpu(tmp_path: Path) -> None:
+    results = run_ranks(_nccl_worker, tmp_path, backend="nccl", world=1)
+    assert results == [("ok", [])], results
