@@ -159,6 +159,19 @@ class CalibState:
         """The running sum named ``name``."""
         return self._sums[name]
 
+    def parts(self, name: str) -> list[Tensor]:
+        """The parts appended under ``name``, in order (the state's own list, so a score may
+        thin them in place; empty if none)."""
+        return self._parts.get(name, [])
+
+    def pop(self, name: str) -> list[Tensor]:
+        """Remove the parts appended under ``name`` and return them (empty if none)."""
+        return self._parts.pop(name, [])
+
+    def n_rows(self, name: str) -> int:
+        """Total first-dimension length of the parts appended under ``name``."""
+        return sum(len(part) for part in self.parts(name))
+
     def __contains__(self, name: str) -> bool:
         return name in self._parts or name in self._sums
 

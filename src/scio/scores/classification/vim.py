@@ -13,7 +13,6 @@ from scio.scores.base import StreamingCalibration
 from scio.scores.calibration import CalibBatch, CalibState
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.head import HeadMixin
-from scio.scores.utils.sketch import kept_numel
 
 __all__ = ["ViM", "vim_conformity", "vim_default_dim", "vim_origin", "vim_residual_basis"]
 
@@ -80,8 +79,7 @@ def vim_conformity(
 def _mean_residual(state: CalibState, basis: Tensor) -> float:
     """Weighted mean of the residual norms of the kept rows (products with ``R`` part by
     part, in bounded chunks: the kept rows are never joined)."""
-    parts = state._parts.pop("residual_rows", [])  # the state's own storage (same package)
-    weights = state._parts.pop("residual_weight", [])
+    parts, weights = state.pop("residual_rows"), state.pop("residual_weight")
     if not sum(len(part) for part in parts):
         return 0.0
     r = basis.to(device=parts[0].device, dtype=parts[0].dtype)
@@ -170,27 +168,23 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
         state.add("moment", centred.T @ centred)
         logits = self.head_logits(raw)
         state.add("max_logit", logits.to(_F64).amax(dim=1).sum())
-        self._keep_residual_rows(centred.to(_compute_dtype(raw.dtype)))
+        self._keep_residual_rows(centred, _compute_dtype(raw.dtype))
 
-    def _keep_residual_rows(self, centred: Tensor) -> None:
+    def _keep_residual_rows(self, centred: Tensor, dtype: torch.dtype) -> None:
         """Keep every ``stride``-th sample of the stream (global positions), doubling the
-        stride while the kept values exceed :attr:`residual_budget`."""
-        seen = int(self.__dict__.get("_residual_seen", 0))
-        stride = int(self.__dict__.get("_residual_stride", 1))
-        first = (-seen) % stride  # first position of this batch that is a multiple of stride
-        self._residual_seen = seen + len(centred)
+        stride while the kept values exceed :attr:`residual_budget`. The stream position
+        comes from the running count, the stride from the kept rows' weights (all equal)."""
         state = self._state
-        rows = centred[first::stride].contiguous()
+        seen = int(state.sum("count")) - len(centred)  # ``count`` already includes the batch
+        stride = next((int(w[0]) for w in state.parts("residual_weight") if len(w)), 1)
+        rows = centred[(-seen) % stride :: stride].to(dtype)  # multiples of stride only
         state.append("residual_rows", rows)
         state.append("residual_weight", rows.new_full((len(rows),), float(stride), dtype=_F64))
         max_rows = max(1, self.residual_budget // max(centred.shape[1], 1))
-        if kept_numel(state, "residual_weight") <= max_rows:
-            return
-        rows_parts, weight_parts = state._parts["residual_rows"], state._parts["residual_weight"]
-        while sum(len(part) for part in weight_parts) > max_rows:
+        rows_parts, weight_parts = state.parts("residual_rows"), state.parts("residual_weight")
+        while state.n_rows("residual_weight") > max_rows:
             # the kept rows sit at positions 0, s, 2s, ...: keep 0, 2s, ... (even ranks), part
             # by part so that the kept rows are never joined
-            stride *= 2
             kept_rows, kept_weight, at = [], [], 0
             for part_rows, part_weight in zip(rows_parts, weight_parts, strict=True):
                 first = at % 2
@@ -198,7 +192,6 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
                 kept_rows.append(part_rows[first::2].clone())
                 kept_weight.append(part_weight[first::2] * 2)
             rows_parts[:], weight_parts[:] = kept_rows, kept_weight
-        self._residual_stride = stride
 
     def _bias(self) -> Tensor | None:
         bias = self.head_bias
@@ -220,8 +213,6 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
             raise ValueError(msg)
         eigvals, basis = vim_residual_basis(moment, dim)
         mean_max_logit = float(state.sum("max_logit")) / n
-        self.__dict__.pop("_residual_seen", None)
-        self.__dict__.pop("_residual_stride", None)
         mean_residual = _mean_residual(state, basis)
         if mean_residual <= 0 or not math.isfinite(mean_residual):
             warnings.warn(

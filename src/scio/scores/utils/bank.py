@@ -194,12 +194,8 @@ def encode(rows: Tensor, codebook: Tensor, dtype: torch.dtype) -> ResidualBank:
 _FIELDS = ("pending", "codebook", "codes", "residuals", "layout")
 
 
-def _rows_of(state: CalibState, name: str) -> int:
-    return sum(len(part) for part in state._parts.get(name, ()))  # the state's own storage
-
-
 def _pop(state: CalibState, name: str) -> Tensor:
-    parts = state._parts.pop(name)
+    parts = state.pop(name)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -223,11 +219,11 @@ def append_rows(state: CalibState, name: str, features: Tensor, dtype: str | Non
         state.append(key["codes"], torch.zeros(0, dtype=torch.int32, device=x.device))
         state.append(key["residuals"], x[:0].to(storage))
         state.append(key["layout"], torch.zeros((1, 3), dtype=torch.int64))
-    if _rows_of(state, key["codebook"]) == 0:
-        take = min(len(x), TRAIN_ROWS - _rows_of(state, key["pending"]))
+    if state.n_rows(key["codebook"]) == 0:
+        take = min(len(x), TRAIN_ROWS - state.n_rows(key["pending"]))
         state.append(key["pending"], x[:take])
         x = x[take:]
-        if _rows_of(state, key["pending"]) >= TRAIN_ROWS:
+        if state.n_rows(key["pending"]) >= TRAIN_ROWS:
             pending = _pop(state, key["pending"])
             state.append(key["pending"], pending[:0])
             _pop(state, key["codebook"])
@@ -236,7 +232,7 @@ def append_rows(state: CalibState, name: str, features: Tensor, dtype: str | Non
     if len(x):
         _append_coded(state, key, encode(x, state.cat(key["codebook"]), storage))
     _pop(state, key["layout"])
-    counts = [_rows_of(state, key[field]) for field in ("pending", "codes", "codebook")]
+    counts = [state.n_rows(key[field]) for field in ("pending", "codes", "codebook")]
     state.append(key["layout"], torch.tensor([counts], dtype=torch.int64))
 
 

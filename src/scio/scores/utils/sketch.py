@@ -215,7 +215,7 @@ def read_summaries(state: CalibState, name: str) -> list[QuantileSummary]:
 
 def pop_parts(state: CalibState, name: str) -> Tensor | None:
     """Remove the tensors appended under ``name`` and return their concatenation."""
-    parts = state._parts.pop(name, None)  # the state's own storage (same package)
+    parts = state.pop(name)
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -223,7 +223,7 @@ def pop_parts(state: CalibState, name: str) -> Tensor | None:
 
 def kept_numel(state: CalibState, name: str) -> int:
     """Number of elements appended under ``name`` (0 if none)."""
-    return sum(part.numel() for part in state._parts.get(name, ()))
+    return sum(part.numel() for part in state.parts(name))
 
 
 def threshold(
