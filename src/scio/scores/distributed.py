@@ -50,6 +50,7 @@ timeout.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,8 @@ __all__ = [
     "report_failure",
     "resolve_group",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: Private attributes created during calibration that are not copied to empty ranks (the
 #: others, plain values and tensors such as a score's class count or a fixed origin, are).
@@ -145,11 +148,15 @@ class _Failure:
 
 
 def report_failure(group: Any, exc: BaseException) -> None:
-    """Tell the other ranks, waiting in :func:`merge_session`, that this rank's calibration
-    stream raised ``exc`` (collective: it takes part in their fingerprint exchange)."""
+    """Tell the other ranks, waiting in :func:`merge_session` or :func:`example_input`, that
+    this rank's calibration stream raised ``exc`` (collective: it takes part in their
+    exchange). Never raises: the caller re-raises ``exc``, the error that matters."""
     failure = _Failure(f"{type(exc).__name__}: {exc}"[:500])
     specs: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(specs, failure, group=group)
+    try:
+        dist.all_gather_object(specs, failure, group=group)
+    except Exception:
+        _log.debug("could not report the failure to the other ranks", exc_info=True)
 
 
 def _raise_failures(gathered: list[Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from scio.scores.calibration import CalibBatch
 
 __all__ = ["FitSession"]
-
-_log = logging.getLogger(__name__)
 
 
 class FitSession:
@@ -100,10 +97,7 @@ class FitSession:
             return
         from scio.scores.distributed import report_failure
 
-        try:
-            report_failure(self.group, exc)
-        except Exception:
-            _log.debug("could not report the failure to the other ranks", exc_info=True)
+        report_failure(self.group, exc)
 
     def finish(self) -> None:
         """Compute the fitted state, mark the score fit and store the duration."""
