@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchinfo.layer_info import LayerInfo
 
-from scio.recorder import Recorder, get_layer_info_depth_idx, lazy_func
+from scio.recorder import Recorder, capture, get_layer_info_depth_idx, lazy_func
 from tests.conftest import TinyConvNet, make_net
 
 ALL_LAYERS = [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
@@ -195,7 +195,7 @@ def test_exception_in_net_leaves_no_state(x: torch.Tensor) -> None:
     with pytest.raises(RuntimeError):
         rnet(torch.rand(2, 3))  # shape error inside the net
     assert dict(rnet.activations) == {}
-    assert rnet._call_state is None
+    assert capture.active(rnet._owner) is None  # no call left running in this context
     rnet(x)  # still usable
     assert list(rnet.activations) == [(1, 1)]
 
@@ -239,7 +239,12 @@ def test_two_recorders_on_one_net(net: TinyConvNet, x: torch.Tensor) -> None:
     r2(x)
     assert list(r2.activations) == [(1, 5)]
     assert list(r1.activations) == [(1, 1)]
-    assert len(net._forward_hooks) == 2
+    # each recorder hooks only the modules it records
+    assert len(net.conv._forward_hooks) == 1 and len(net.fc._forward_hooks) == 1
+    assert len(net._forward_hooks) == 0 and len(net.pool._forward_hooks) == 0
+    r1.record((0, 1), (1, 5))
+    assert len(net._forward_hooks) == 1 and len(net.fc._forward_hooks) == 2
+    assert len(net.conv._forward_hooks) == 0
 
 
 def test_recorded_modules_and_params(rnet: Recorder, net: TinyConvNet) -> None:
@@ -286,7 +291,9 @@ def test_hooks_removed_when_recorder_is_deleted(net: TinyConvNet, x: torch.Tenso
     rnet.record((1, 1))
     rnet(x)
     assert net.training and not net.conv.weight.requires_grad  # untouched by the recorder
-    assert all(len(m._forward_hooks) == 1 for m in net.modules())
+    assert [len(m._forward_hooks) for m in net.modules()] == [
+        int(m is net.conv) for m in net.modules()
+    ]  # only the recorded module is hooked
     ref = weakref.ref(rnet)
     del rnet
     gc.collect()

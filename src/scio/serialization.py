@@ -9,21 +9,24 @@ the calibration input shape, and the fitted state.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from scio.index import Index
+from scio.index.bank import ResidualBank
 from scio.recorder import Recorder
-from scio.scores.base import BaseScore
-from scio.scores.utils import Index
-from scio.scores.utils.bank import ResidualBank
+
+if TYPE_CHECKING:
+    from scio.scores.core.base import BaseScore
 
 __all__ = [
     "FORMAT_VERSION",
@@ -212,15 +215,24 @@ def _net_dtype(net: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _score_classes() -> dict[str, type[BaseScore]]:
-    import scio.scores as scores
+#: Score classes by name, filled by :func:`register_score` (every ``BaseScore`` subclass
+#: registers itself when it is defined). Serialization knows the scores only through it.
+_REGISTRY: dict[str, type[BaseScore]] = {}
+#: Packages whose import registers the built-in scores, imported on the first load (plugin
+#: style, so that this module never imports the scores it serializes).
+_PROVIDERS = ("scio.scores",)
 
-    classes: dict[str, type[BaseScore]] = {}
-    for name in dir(scores):
-        obj = getattr(scores, name)
-        if isinstance(obj, type) and issubclass(obj, BaseScore):
-            classes[obj.__name__] = obj
-    return classes
+
+def register_score(cls: type[BaseScore]) -> None:
+    """Make ``cls`` loadable by name (called by ``BaseScore.__init_subclass__``); a class
+    defined later under the same name replaces the earlier one."""
+    _REGISTRY[cls.__name__] = cls
+
+
+def _score_classes() -> dict[str, type[BaseScore]]:
+    for provider in _PROVIDERS:
+        importlib.import_module(provider)
+    return dict(_REGISTRY)
 
 
 def _read(path: PathLike) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch import Tensor
 from scio import scores
 from scio.recorder import Recorder
 from scio.scores import BaseScore, fit_jointly
-from scio.scores.distributed import DistributedMismatchError
+from scio.scores.core.distributed import DistributedMismatchError
 from scio.scores.utils import Index
 from tests.catalogue import BY_NAME, CATALOGUE, FEAT, MAPS, Entry
 from tests.conftest import make_net

@@ -528,7 +528,7 @@ def test_fit_scores_charges_each_score_only_its_own_work(
 ) -> None:
     """The shared forward (made to last 500 s by a fake clock) is charged to no score's
     calibration entry; each timer reports it in ``timer.shared`` instead."""
-    import scio.scores.joint as joint_module
+    import scio.scores.joint.fit as joint_module
 
     ticks = iter(range(0, 10**6, 500))
     monkeypatch.setattr(joint_module, "perf_counter", lambda: float(next(ticks)))

@@ -11,10 +11,10 @@ from tests.conftest import make_net
 
 import scio.datasets as D
 from scio import scores
+from scio.index.bank import ResidualBank
+from scio.index.index import recall_at_k
 from scio.recorder import Recorder
 from scio.scores.utils import Index, normalize_samples
-from scio.scores.utils.bank import ResidualBank
-from scio.scores.utils.index import recall_at_k
 
 BANK_SCORES = {
     "KNN": lambda **kw: scores.KNN(k=2, **kw),
@@ -222,7 +222,7 @@ def test_saved_index_keeps_its_backend(
 ) -> None:
     pytest.importorskip("faiss")
     import scio
-    import scio.scores.utils.index as index_module
+    import scio.index.index as index_module
 
     x, y, queries = _data(200)
     net = make_net()

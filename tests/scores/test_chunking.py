@@ -18,7 +18,7 @@ from scio.scores.classification.deepmahalanobis import DeepMahalanobis
 from scio.scores.classification.featuresqueezing import FeatureSqueezing
 from scio.scores.classification.odds import Odds
 from scio.scores.classification.odin import ODIN
-from scio.scores.input_grad import (
+from scio.scores.core.input_grad import (
     DEFAULT_MAX_BATCH,
     by_chunks,
     check_max_batch,

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from scio import scores
 from scio.recorder import Recorder
-from scio.scores.calibration import CalibBatch
 from scio.scores.classification.fdbd import fdbd_conformity, fdbd_inverse_gaps
 from scio.scores.classification.nci import nci_conformity
+from scio.scores.core.calibration import CalibBatch
 
 DIM, N_CLASSES = 16, 5
 

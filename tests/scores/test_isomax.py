@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
 from scio.scores.classification.isomax import IsoMax
-from scio.scores.joint import fit_jointly
+from scio.scores.joint.fit import fit_jointly
 
 
 def naive_distances(z: Tensor, prototypes: Tensor, p: float) -> Tensor:

@@ -12,11 +12,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
-from scio.scores.base import BaseScore
 from scio.scores.classification.energy import Energy
 from scio.scores.classification.jointenergy import JointEnergy
 from scio.scores.classification.logit import Logit
 from scio.scores.classification.softmax import BaselineClassif, Softmax
+from scio.scores.core.base import BaseScore
 
 TOL = {torch.float16: 3e-3, torch.float32: 1e-5, torch.float64: 1e-10}
 

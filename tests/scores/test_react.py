@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
 from scio.scores.classification.react import ReAct
-from scio.scores.joint import fit_jointly
+from scio.scores.joint.fit import fit_jointly
 
 LAYER_NAMES = {(1, 1): "conv", (1, 2): "softplus", (1, 3): "pool", (1, 4): "flatten", (1, 5): "fc"}
 

@@ -18,7 +18,7 @@ from torch import Tensor
 import scio
 from scio.recorder import Recorder
 from scio.scores import KNN, Softmax
-from scio.scores.base import NoCalibration
+from scio.scores.core.base import NoCalibration
 from scio.serialization import FORMAT_VERSION, ScoreFileError, load_score
 
 ENTRIES = [pytest.param(entry, id=entry.name) for entry in CATALOGUE]

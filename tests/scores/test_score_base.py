@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
 from scio.scores import KNN, BaseScore, BaseScoreClassif, fit_jointly
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, CalibState, validate_labels
 from scio.scores.classification import TemplateClassif
 from scio.scores.classification.base import _postprocess_conformity
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, CalibState, validate_labels
 
 
 class Recorded(BaseScoreClassif):

@@ -10,8 +10,8 @@ from tests.conftest import make_net
 from torch import nn
 
 from scio.recorder import Recorder
+from scio.recorder.tail import Tail
 from scio.scores import ReAct
-from scio.scores.tail import Tail
 
 LAYER_SETS = [((1, 4),), ((1, 2),), ((1, 2), (1, 4))]
 
@@ -116,7 +116,7 @@ def test_unsplittable_networks_fall_back_to_a_full_forward(
     rnet = Recorder(net, input_data=calib[:1], force_static_flow=False)
     rnet.record(layer)
     score = ReAct(percentile=70.0).fit(rnet, calib)
-    with caplog.at_level(logging.DEBUG, logger="scio.scores.tail"):
+    with caplog.at_level(logging.DEBUG, logger="scio.recorder.tail"):
         conformity = score(calib[:7])[1]
     assert not rnet._tail.splits
     assert reason in rnet._tail.reason

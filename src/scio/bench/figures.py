@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from scio.bench.runner import BenchResult
+    from scio.bench.result import BenchResult
 
 __all__ = ["summary_figure"]
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from scio.decision import pvalues as P
-from scio.scores.base import BaseScore
-from scio.scores.calibration import as_batches
-from scio.scores.validation import fitted_scores
+from scio.scores.core.base import BaseScore
+from scio.scores.core.calibration import as_batches
+from scio.scores.core.validation import fitted_scores
 
 __all__ = ["MIN_HOLDOUT", "ConformalDetector", "DetectorFileError"]
 
@@ -43,7 +43,7 @@ class DetectorFileError(ValueError):
 def _infer(scores: Sequence[BaseScore], inputs: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``[s(inputs) for s in scores]``, one shared forward when the scores share a network."""
     if len(scores) > 1 and all(s.rnet.net is scores[0].rnet.net for s in scores):
-        from scio.scores.inference import infer_jointly
+        from scio.scores.joint.inference import infer_jointly
 
         return infer_jointly(scores, inputs)
     return [score(inputs) for score in scores]

@@ -1,7 +1,6 @@
 """Confidence scores: calibrate on in-distribution data, then ``score(x) -> (out, conformity)``."""
 
 from scio.scores import utils
-from scio.scores.base import BaseScore
 from scio.scores.classification import (
     ASH,
     DICE,
@@ -36,8 +35,9 @@ from scio.scores.classification import (
     ViM,
     fDBD,
 )
-from scio.scores.inference import JointInference, infer_jointly
-from scio.scores.joint import fit_jointly
+from scio.scores.core.base import BaseScore
+from scio.scores.joint.fit import fit_jointly
+from scio.scores.joint.inference import JointInference, infer_jointly
 
 __all__ = [
     "ASH",

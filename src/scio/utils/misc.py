@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -172,6 +173,16 @@ class ScoreTimer:
         self._params_version: int | None = None
         self._checked_type: type | None = None
         self._params_snapshot: MappingProxyType[str, Any] = MappingProxyType({})
+        self._lock = threading.Lock()  # one score may be called from many threads at once
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def target(self) -> Any:
@@ -181,34 +192,38 @@ class ScoreTimer:
     @property
     def stats(self) -> tuple[ScoreTimerStat, ...]:
         """The kept stats (at most ``max_entries``), oldest first."""
-        return tuple(self._stats)
+        with self._lock:
+            return tuple(self._stats)
 
     @property
     def calibration(self) -> tuple[ScoreTimerStat, ...]:
         """Kept calibration stats, oldest first."""
-        return tuple(s for s in self._stats if s.op == ScoreTimerOperation.CALIBRATION)
+        return tuple(s for s in self.stats if s.op == ScoreTimerOperation.CALIBRATION)
 
     @property
     def inference(self) -> tuple[ScoreTimerStat, ...]:
         """Kept inference stats, oldest first."""
-        return tuple(s for s in self._stats if s.op == ScoreTimerOperation.INFERENCE)
+        return tuple(s for s in self.stats if s.op == ScoreTimerOperation.INFERENCE)
 
     @property
     def totals(self) -> dict[str, dict[str, float]]:
         """Per operation, running ``count``, ``n_samples``, ``duration`` (sum), ``min_duration``
         and ``max_duration`` over every recorded entry, kept or not."""
-        return {op.value: totals.as_dict() for op, totals in self._totals.items()}
+        with self._lock:
+            return {op.value: totals.as_dict() for op, totals in self._totals.items()}
 
     @property
     def n_dropped(self) -> int:
         """Number of entries no longer kept (older than the ``max_entries`` most recent)."""
-        return sum(t.count for t in self._totals.values()) - len(self._stats)
+        with self._lock:
+            return sum(t.count for t in self._totals.values()) - len(self._stats)
 
     @property
     def shared(self) -> dict[str, float]:
         """Per operation, seconds of shared work (e.g. a joint forward pass) this score used
         but that is not charged to its entries."""
-        return {op.value: seconds for op, seconds in self._shared.items()}
+        with self._lock:
+            return {op.value: seconds for op, seconds in self._shared.items()}
 
     def _live_target(self) -> Any:
         target = self._ref()
@@ -227,6 +242,10 @@ class ScoreTimer:
     def _params(self, target: Any) -> MappingProxyType[str, Any]:
         """Snapshot of the target's parameters, taken again only when a parameter was set
         (``ParamClass`` counts assignments) or, for other targets, changed identity."""
+        with self._lock:
+            return self._params_unlocked(target)
+
+    def _params_unlocked(self, target: Any) -> MappingProxyType[str, Any]:
         version = getattr(target, "_param_version", None)
         if version is not None and type(version) is int:
             if version == self._params_version:
@@ -242,6 +261,10 @@ class ScoreTimer:
         return self._params_snapshot
 
     def _store(self, stat: ScoreTimerStat) -> None:
+        with self._lock:
+            self._store_unlocked(stat)
+
+    def _store_unlocked(self, stat: ScoreTimerStat) -> None:
         if self._stats.maxlen != self.max_entries:  # max_entries changed: resize the window
             self._stats = deque(self._stats, maxlen=self.max_entries)
         self._stats.append(stat)
@@ -280,10 +303,11 @@ class ScoreTimer:
         """Account ``seconds`` of shared work used by the score but charged to no entry."""
         operation = ScoreTimerOperation(op)
         if self.enabled:
-            self._shared[operation] = self._shared.get(operation, 0.0) + float(seconds)
+            with self._lock:
+                self._shared[operation] = self._shared.get(operation, 0.0) + float(seconds)
 
     def _report_table(self) -> Table | None:
-        stats = list(self._stats)[::-1]
+        stats = list(self.stats)[::-1]
         if not stats:
             return None
         keys = set(stats[0].params)

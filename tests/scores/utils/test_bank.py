@@ -1,4 +1,4 @@
-"""Half-precision banks coded as residuals to a k-means codebook (scio.scores.utils.bank)."""
+"""Half-precision banks coded as residuals to a k-means codebook (scio.index.bank)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from tests.conftest import make_net
 
 import scio
-import scio.scores.utils.bank as B
+import scio.index.bank as B
 from scio import scores
+from scio.index.bank import ResidualBank, append_rows, encode, kmeans, take_rows
 from scio.recorder import Recorder
-from scio.scores.calibration import CalibState
+from scio.scores.core.calibration import CalibState
 from scio.scores.utils import Index
-from scio.scores.utils.bank import ResidualBank, append_rows, encode, kmeans, take_rows
 
 
 def _blobs(n: int, d: int = 6, seed: int = 0) -> torch.Tensor:
@@ -157,7 +157,7 @@ def test_coded_banks_survive_save_and_load(name: str, tmp_path: object) -> None:
 def test_backend_list_matches_the_index_backends() -> None:
     import typing
 
-    from scio.scores.utils.index import IndexBackend
+    from scio.index.index import IndexBackend
 
     assert typing.get_args(IndexBackend) == B._BACKENDS
 

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-import scio.scores.utils.flat as flat_module
-import scio.scores.utils.index as index_module
+import scio.index.flat as flat_module
+import scio.index.index as index_module
+from scio.index.index import IndexType, TorchIndexFlatIP, TorchIndexFlatL2
 from scio.scores.utils import Index, make_indexes
-from scio.scores.utils.index import IndexType, TorchIndexFlatIP, TorchIndexFlatL2
 from scio.utils.enums import EnumWithExplicitSupport
 
 FLT_MAX = 3.4028234663852886e38

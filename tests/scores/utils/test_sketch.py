@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from scio.index import sketch
+from scio.index.sketch import QuantileSummary, combine_all, summary_rank
 from scio.recorder import Recorder
 from scio.scores import ReAct
-from scio.scores.utils import sketch
-from scio.scores.utils.sketch import QuantileSummary, combine_all, summary_rank
 
 
 def _rank_distance(data: np.ndarray, value: float, rank: int) -> int:

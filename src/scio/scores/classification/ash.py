@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scio.scores.base import NoCalibration, ParamError
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
-from scio.scores.shaping import check_readout, readout
+from scio.scores.core.base import NoCalibration, ParamError
+from scio.scores.core.head import HeadMixin
+from scio.scores.core.shaping import check_readout, readout
 
 __all__ = ["ASH", "ash_shape", "kept_count", "top_sums"]
 
@@ -99,10 +99,10 @@ class ASH(HeadMixin, NoCalibration, BaseScoreClassif):
         percentile: pruning percentile, ``0 < percentile < 100`` (default 65; the paper
             tunes it per variant and dataset, between 60 and 90).
         variant: ``"s"`` (default), ``"p"`` or ``"b"``.
-        readout: how the shaped logits are read, see :mod:`scio.scores.shaping`
+        readout: how the shaped logits are read, see :mod:`scio.scores.core.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).
         head: module name of the linear head (``None``: discovered after the recorded
-            layer, see :class:`~scio.scores.head.HeadMixin`).
+            layer, see :class:`~scio.scores.core.head.HeadMixin`).
         act_norm: unused (the head input is read raw).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 

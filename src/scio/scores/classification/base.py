@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scio.scores.base import BaseScore
+from scio.scores.core.base import BaseScore
 from scio.utils.enums import ScoreClassifMode, ScoreClassifModeLike
 
 __all__ = ["BaseScoreClassif", "TemplateClassif"]
@@ -94,7 +94,7 @@ class TemplateClassif(BaseScoreClassif):
       in-distribution).
 
     For calibration from batches without concatenating inputs, also mix in
-    :class:`scio.scores.base.StreamingCalibration` (see ``docs/architecture.md``).
+    :class:`scio.scores.core.base.StreamingCalibration` (see ``docs/architecture.md``).
     """
 
     param_with_a_default_value: str = "default value"

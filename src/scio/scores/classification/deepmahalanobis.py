@@ -12,10 +12,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.input_grad import DEFAULT_MAX_BATCH, by_chunks, check_max_batch, frozen_parameters
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.input_grad import (
+    DEFAULT_MAX_BATCH,
+    by_chunks,
+    check_max_batch,
+    frozen_parameters,
+)
 from scio.scores.utils import batched_grad, fgm_direction
 from scio.utils.misc import check
 

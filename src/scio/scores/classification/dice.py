@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import ParamError, StreamingCalibration
-from scio.scores.calibration import CalibBatch
 from scio.scores.classification.ash import shaped_readout, work_dtype
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
-from scio.scores.shaping import check_readout
+from scio.scores.core.base import ParamError, StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
+from scio.scores.core.head import HeadMixin
+from scio.scores.core.shaping import check_readout
 
 __all__ = ["DICE", "dice_mask"]
 
@@ -56,10 +56,10 @@ class DICE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     Args:
         p: sparsity percentage, ``0 <= p < 100`` (default 90, as in the paper's CIFAR
             experiments).
-        readout: how the sparsified logits are read, see :mod:`scio.scores.shaping`
+        readout: how the sparsified logits are read, see :mod:`scio.scores.core.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).
         head: module name of the linear head (``None``: discovered after the recorded
-            layer, see :class:`~scio.scores.head.HeadMixin`).
+            layer, see :class:`~scio.scores.core.head.HeadMixin`).
         act_norm: unused (the head input is read raw).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 

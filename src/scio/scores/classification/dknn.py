@@ -7,13 +7,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
+from scio.index.bank import append_rows, as_dense, bank_rows, has_rows, take_rows
+from scio.index.index import IndexBackend
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.classification.knn import check_bank
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
-from scio.scores.utils.bank import append_rows, as_dense, bank_rows, has_rows, take_rows
-from scio.scores.utils.index import IndexBackend
 from scio.utils.enums import AggrNameLike, IndexMetricLike
 from scio.utils.misc import check
 
@@ -54,9 +54,9 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
             the features' dtype); half-precision banks store float16 residuals to a small
             float32 codebook and are searched with float32 accumulation
-            (:mod:`scio.scores.utils.bank`).
+            (:mod:`scio.index.bank`).
         index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
-            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
+            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.index.index`).
 
     Cost: no extra forward pass; calibration keeps the features of every recorded layer
     (one exact index per layer on the data's device) and, with ``per_class`` or

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import NoCalibration
 from scio.utils.misc import check
 
 __all__ = ["Energy"]

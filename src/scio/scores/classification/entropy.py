@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import NoCalibration
 
 __all__ = ["Entropy", "negative_entropy"]
 

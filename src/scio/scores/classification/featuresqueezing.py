@@ -9,9 +9,9 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.input_grad import check_max_batch, row_chunks
+from scio.scores.core.base import NoCalibration
+from scio.scores.core.input_grad import check_max_batch, row_chunks
 from scio.scores.utils import get_aggregator
 from scio.utils.enums import AggrNameLike
 from scio.utils.misc import check

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scio.scores.base import NoCalibration, ParamError
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import NoCalibration, ParamError
 
 __all__ = ["GEN", "generalized_entropy"]
 

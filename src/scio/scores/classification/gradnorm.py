@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import NoCalibration
 from scio.utils.misc import check
 
 __all__ = ["GradNorm"]

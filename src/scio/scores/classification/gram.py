@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.utils.enums import LabelKind, LabelKindLike
 from scio.utils.misc import check
 

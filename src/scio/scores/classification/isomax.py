@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.utils.misc import check
 
 __all__ = ["IsoMax"]

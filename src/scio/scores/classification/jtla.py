@@ -10,9 +10,9 @@ from typing import Any, Literal, NotRequired, TypedDict
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.utils import (
     Index,
     ak_lpe,

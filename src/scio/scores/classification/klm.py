@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
 
 __all__ = ["KLM", "kl_to_templates", "posterior_templates"]
 

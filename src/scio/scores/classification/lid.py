@@ -8,13 +8,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.index.bank import append_rows, bank_rows, take_rows
+from scio.index.index import IndexBackend
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.classification.knn import check_bank
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
 from scio.scores.utils import Index, make_indexes
-from scio.scores.utils.bank import append_rows, bank_rows, take_rows
-from scio.scores.utils.index import IndexBackend
 from scio.utils.misc import check
 
 __all__ = ["LID"]
@@ -44,9 +44,9 @@ class LID(StreamingCalibration, BaseScoreClassif):
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
             the features' dtype); half-precision banks store float16 residuals to a small
             float32 codebook and are searched with float32 accumulation
-            (:mod:`scio.scores.utils.bank`).
+            (:mod:`scio.index.bank`).
         index_backend: extension: ``"torch"`` (exact, default), ``"faiss"`` (exact) or the
-            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
+            approximate ``"faiss-ivf"`` / ``"faiss-hnsw"`` (see :mod:`scio.index.index`).
 
     Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features in an exact
     index on the data's device; inference is one ``(n, d) x (d, n_calib)`` search.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import NoCalibration
 
 __all__ = ["Logit"]
 

@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
+from scio.scores.core.head import HeadMixin
 
 __all__ = ["NCI", "nci_conformity"]
 
@@ -57,7 +57,7 @@ class NCI(HeadMixin, StreamingCalibration, BaseScoreClassif):
         alpha: weight of the L1-norm filter, ``α ≥ 0`` (default 0: the proximity alone).
             Used at inference only: changing it keeps the score fit.
         head: the head's module name (``None``: discovered, see
-            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            :class:`~scio.scores.core.head.HeadMixin`). The logits ``z`` are recomputed from the
             head's input with its weight and bias (one ``d × C`` product): the network
             output for a discovered head, that layer's own output when ``head`` names a
             linear layer that is not the last one.

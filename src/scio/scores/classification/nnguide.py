@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
+from scio.scores.core.head import HeadMixin
 from scio.scores.utils import Index
 
 __all__ = ["NNGuide", "nnguide_bank", "nnguide_conformity", "nnguide_keep"]
@@ -76,7 +76,7 @@ class NNGuide(HeadMixin, StreamingCalibration, BaseScoreClassif):
             shuffle the calibration data for a random subsample. In a distributed fit the
             positions are counted on each rank (each shard is subsampled on its own).
         head: the head's module name (``None``: discovered, see
-            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            :class:`~scio.scores.core.head.HeadMixin`). The logits ``z`` are recomputed from the
             head's input with its weight and bias (one ``d × C`` product): the network
             output for a discovered head, that layer's own output when ``head`` names a
             linear layer that is not the last one.

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.input_grad import check_max_batch
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.input_grad import check_max_batch
 from scio.utils.enums import ZAggr, ZAggrLike
 from scio.utils.misc import check
 
@@ -100,10 +100,13 @@ class Odds(StreamingCalibration, BaseScoreClassif):
     absent from calibration get ``-inf``).
 
     Randomness: at each fit a generator on the calibration device is seeded with
-    ``rng_seed`` (``None``: torch's global RNG); it keeps being consumed at inference (its
-    state is the fitted attribute ``rng_state``, so two calls on the same inputs draw
-    different noise, as in the reference). The noise of sample ``i`` is one contiguous block
-    of ``noise_samples`` draws, taken in sample order, at calibration and at inference, so
+    ``rng_seed`` (``None``: torch's global RNG); its state after calibration is the fitted
+    attribute ``rng_state``, and every inference call starts a generator from that state (the
+    fitted score is read-only: concurrent calls give exactly the sequential results, and two
+    calls on the same inputs give the same conformities; the reference instead keeps
+    consuming one generator, see ``docs/compatibility.md``). The noise of sample ``i`` is one
+    contiguous block of ``noise_samples`` draws, taken in sample order, at calibration and at
+    inference, so
     neither the caller's batches nor ``max_batch`` change the noise: on CPU each forward
     chunk draws exactly its copies (torch's CPU generator splits draws exactly); on other
     devices one draw is made per sample (counter-based generators do not split). With
@@ -225,8 +228,6 @@ class Odds(StreamingCalibration, BaseScoreClassif):
         noisy_sum = torch.zeros((len(out), n_classes), dtype=torch.float64, device=out.device)
         for rows, logits in self._noisy_chunks(inputs, generator):
             noisy_sum.index_add_(0, rows.to(out.device), logits.to(torch.float64))
-        if generator is not None:
-            self.rng_state = generator.get_state()
         dtype = _upcast(out.dtype)
         delta = (noisy_sum / self.noise_samples).to(dtype) - out.to(dtype)  # (n, C)
         avg = self.avg.to(device=out.device, dtype=dtype)

@@ -8,9 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.input_grad import DEFAULT_MAX_BATCH, by_chunks, check_max_batch, frozen_parameters
+from scio.scores.core.base import NoCalibration
+from scio.scores.core.input_grad import (
+    DEFAULT_MAX_BATCH,
+    by_chunks,
+    check_max_batch,
+    frozen_parameters,
+)
 from scio.scores.utils import batched_grad, fgm_direction
 from scio.utils.misc import check
 

@@ -10,9 +10,9 @@ import torch
 from scipy.optimize import elementwise
 from torch import Tensor
 
-from scio.scores.base import ParamError, StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import ParamError, StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
 
 __all__ = [
     "OpenMax",

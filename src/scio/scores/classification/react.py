@@ -9,12 +9,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch
+from scio.index import sketch
+from scio.index.sketch import QuantileSummary
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.shaping import check_readout, readout
-from scio.scores.utils import sketch, torch_quantile
-from scio.scores.utils.sketch import QuantileSummary
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch
+from scio.scores.core.shaping import check_readout, readout
+from scio.scores.utils import torch_quantile
 from scio.utils.misc import check
 
 __all__ = ["ReAct"]
@@ -74,7 +75,8 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
             act_norm: normalisation of the calibration activations (thresholds are applied to
                 raw activations at inference, as in the reference).
             readout: how the clipped logits are read (extension, see
-                :mod:`scio.scores.shaping`): ``"softmax"`` (default, the reference), ``"energy"``
+                :mod:`scio.scores.core.shaping`): ``"softmax"`` (default, the reference),
+                ``"energy"``
                 (the paper), ``"logit"`` or ``"msp"``.
             mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 
@@ -83,7 +85,7 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
 
         Cost: calibration uses the shared recording forward. Thresholds are exact (every
         recorded value kept, ``n_calib * d`` elements, plus a float64 copy for the selection)
-        while the kept values fit the exact budget (``scio.scores.utils.sketch``: 2**26 values
+        while the kept values fit the exact budget (``scio.index.sketch``: 2**26 values
         per threshold); beyond it they come from a mergeable quantile summary with a certified
         rank error ≤ 1e-4 · n, in bounded memory. Inference: one recorded forward (plain logits
         and the recorded activations), then only the part of the network downstream of the
@@ -134,9 +136,9 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
 
     def _calib_end(self) -> None:
         """Thresholds from the kept values: exact while at most
-        :data:`scio.scores.utils.sketch.EXACT_BUDGET` values per threshold set were kept,
+        :data:`scio.index.sketch.EXACT_BUDGET` values per threshold set were kept,
         else from a mergeable quantile summary whose certified rank error is at most
-        :data:`~scio.scores.utils.sketch.RANK_ERROR` ``· n`` (a ``UserWarning`` otherwise).
+        :data:`~scio.index.sketch.RANK_ERROR` ``· n`` (a ``UserWarning`` otherwise).
         """
         q = self.percentile / 100
         highs: list[Tensor] = []

@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from scio.scores.base import NoCalibration
 from scio.scores.classification.ash import (
     check_percentile,
     shaped_readout,
@@ -15,8 +14,9 @@ from scio.scores.classification.ash import (
     work_dtype,
 )
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
-from scio.scores.shaping import check_readout
+from scio.scores.core.base import NoCalibration
+from scio.scores.core.head import HeadMixin
+from scio.scores.core.shaping import check_readout
 
 __all__ = ["SCALE", "scale_shape"]
 
@@ -43,10 +43,10 @@ class SCALE(HeadMixin, NoCalibration, BaseScoreClassif):
     Args:
         percentile: ``0 < percentile < 100`` (default 65; the paper tunes it per dataset,
             e.g. 85 on ImageNet).
-        readout: how the shaped logits are read, see :mod:`scio.scores.shaping`
+        readout: how the shaped logits are read, see :mod:`scio.scores.core.shaping`
             (``"energy"`` default, ``"softmax"``, ``"logit"``, ``"msp"``).
         head: module name of the linear head (``None``: discovered after the recorded
-            layer, see :class:`~scio.scores.head.HeadMixin`).
+            layer, see :class:`~scio.scores.core.head.HeadMixin`).
         act_norm: unused (the head input is read raw).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 

@@ -9,10 +9,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.head import HeadMixin
 
 __all__ = ["SHE", "she_conformity", "she_templates"]
 
@@ -59,7 +59,7 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     Args:
         head: the head's module name (``None``: discovered, see
-            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            :class:`~scio.scores.core.head.HeadMixin`). The logits ``z`` are recomputed from the
             head's input with its weight and bias (one ``d × C`` product): the network
             output for a discovered head, that layer's own output when ``head`` names a
             linear layer that is not the last one.

@@ -8,11 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, validate_labels
-from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.utils import make_indexes
-from scio.scores.utils.bank import (
+from scio.index.bank import (
     ResidualBank,
     append_rows,
     as_dense,
@@ -20,7 +16,11 @@ from scio.scores.utils.bank import (
     check_bank_params,
     take_rows,
 )
-from scio.scores.utils.index import IndexBackend
+from scio.index.index import IndexBackend
+from scio.scores.classification.base import BaseScoreClassif
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.utils import make_indexes
 from scio.utils.misc import check
 
 __all__ = ["Trust"]
@@ -53,10 +53,10 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         bank_dtype: extension: bank storage dtype (``"float16"``, ``"bfloat16"``, ...; ``None``:
             the features' dtype); half-precision banks store float16 residuals to a small
             float32 codebook and are searched with float32 accumulation
-            (:mod:`scio.scores.utils.bank`).
+            (:mod:`scio.index.bank`).
         index_backend: extension, for the per-class density searches: ``"torch"`` (exact,
             default), ``"faiss"`` (exact) or the approximate ``"faiss-ivf"`` /
-            ``"faiss-hnsw"`` (see :mod:`scio.scores.utils.index`).
+            ``"faiss-hnsw"`` (see :mod:`scio.index.index`).
 
     Cost: no extra forward pass; calibration keeps the ``(n_calib, d)`` features and runs
     one self-search per class when ``alpha > 0``; inference is one tiled ``(n, d) x (d,

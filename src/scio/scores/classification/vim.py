@@ -9,10 +9,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from scio.scores.base import StreamingCalibration
-from scio.scores.calibration import CalibBatch, CalibState
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.head import HeadMixin
+from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.calibration import CalibBatch, CalibState
+from scio.scores.core.head import HeadMixin
 
 __all__ = ["ViM", "vim_conformity", "vim_default_dim", "vim_origin", "vim_residual_basis"]
 
@@ -124,7 +124,7 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
             (:func:`vim_default_dim`: 1000 if ``d ≥ 1500``, 512 if ``d ≥ 768``, else
             ``d // 2``). ``D ≥ d`` raises ``ValueError`` at fit.
         head: the head's module name (``None``: discovered, see
-            :class:`~scio.scores.head.HeadMixin`). The logits ``z`` are recomputed from the
+            :class:`~scio.scores.core.head.HeadMixin`). The logits ``z`` are recomputed from the
             head's input with its weight and bias (one ``d × C`` product): the network
             output for a discovered head, that layer's own output when ``head`` names a
             linear layer that is not the last one.

@@ -1,6 +1,6 @@
 """Nearest-neighbour index and tensor helpers used by the scores."""
 
-from scio.scores.utils.index import Index, make_indexes
+from scio.index import Index, make_indexes
 from scio.scores.utils.neighbours import ak_lpe, knn_label_count
 from scio.scores.utils.stats import dirmult_surprise, kldiv, multinomial_test
 from scio.scores.utils.utils import (

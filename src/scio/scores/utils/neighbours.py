@@ -11,7 +11,7 @@ from torch import Tensor
 from scio.scores.utils.utils import _upcast
 
 if TYPE_CHECKING:
-    from scio.scores.utils.index import Index
+    from scio.index.index import Index
 
 __all__ = ["ak_lpe", "knn_label_count"]
 

@@ -8,10 +8,7 @@ deleting the recorder leaves the wrapped network exactly as it was.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeAlias, TypeVar
 
@@ -21,10 +18,30 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchinfo.layer_info import LayerInfo
 
-__all__ = ["DepthIdx", "Postprocessor", "Recorder", "get_layer_info_depth_idx", "lazy_func"]
+from scio.recorder.capture import (
+    Capture,
+    DepthIdx,
+    Postprocessor,
+    SharedForward,
+    active,
+    current_shared,
+    last_capture,
+    remember,
+    running,
+    shared_forward,
+)
 
-DepthIdx: TypeAlias = tuple[int, int]
-Postprocessor: TypeAlias = Callable[[Tensor], Tensor | None]
+__all__ = [
+    "Capture",
+    "DepthIdx",
+    "Postprocessor",
+    "Recorder",
+    "SharedForward",
+    "get_layer_info_depth_idx",
+    "lazy_func",
+    "shared_forward",
+]
+
 LayerSpec: TypeAlias = DepthIdx | str
 
 _R = TypeVar("_R")
@@ -57,84 +74,25 @@ def lazy_func(ref: Callable[[], Callable[..., _R] | None]) -> Callable[..., _R |
     return call
 
 
-@dataclass
-class SharedForward:
-    """The result of one forward of ``net`` on ``inputs`` that other recorders may reuse.
-
-    While :func:`shared_forward` is active, a recorder wrapping the same ``net`` called on
-    the *same* ``inputs`` object (no post-processing, no autograd) returns ``out`` and takes
-    its recorded activations and tapped inputs from here instead of running the network.
-    This is how :func:`scio.scores.infer_jointly` runs many scores with one forward.
-    """
-
-    net: nn.Module
-    inputs: Tensor
-    out: Any
-    rows: tuple[tuple[DepthIdx, int], ...]
-    activations: dict[DepthIdx, Any] = field(default_factory=dict)
-    tapped: dict[nn.Module, list[tuple[Any, Any]]] = field(default_factory=dict)
-
-
-_SHARED: ContextVar[SharedForward | None] = ContextVar("scio_shared_forward", default=None)
+_EMPTY: Mapping[DepthIdx, Any] = MappingProxyType({})
 
 
 def _rows_key(rows: Sequence[tuple[DepthIdx, nn.Module]]) -> tuple[tuple[DepthIdx, int], ...]:
     return tuple((depth_idx, id(module)) for depth_idx, module in rows)
 
 
-class shared_forward:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Context manager publishing a :class:`SharedForward` to the recorders of its net."""
-
-    def __init__(self, shared: SharedForward) -> None:
-        self.shared = shared
-        self._token: Any = None
-
-    def __enter__(self) -> SharedForward:
-        self._token = _SHARED.set(self.shared)
-        return self.shared
-
-    def __exit__(self, *exc: object) -> None:
-        _SHARED.reset(self._token)
-
-
-def _weak_hook(ref: weakref.ReferenceType[Recorder]) -> Callable[..., Any]:
-    """A forward hook calling ``ref()._hook`` while the recorder lives (no reference to it)."""
+def _hook_for(owner: object) -> Callable[..., Any]:
+    """The forward hook of one recorder: it serves the recorder's call running in the
+    current context, found by the recorder's ``owner`` token (it references neither the
+    recorder nor any call, so deleting the recorder removes its hooks)."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        recorder = ref()
-        if recorder is None or recorder._call_state is None:
+        capture = active(owner)
+        if capture is None:  # a direct `net(x)`, another recorder's or another thread's call
             return None
-        return recorder._hook(module, args, output)
+        return capture.on_output(module, args, output)
 
     return hook
-
-
-class _CallState:
-    """Per-forward state: which rows remain per module and which postprocessors."""
-
-    __slots__ = ("counts", "dont_record", "postprocs", "seqs", "single")
-
-    def __init__(
-        self,
-        seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]],
-        postproc: Postprocessor | Sequence[Postprocessor] | None,
-        dont_record: bool,
-    ) -> None:
-        self.seqs = seqs  # read-only here: calls are counted in `counts`
-        self.counts: dict[nn.Module, int] = {}
-        self.dont_record = dont_record
-        self.single: Postprocessor | None = None
-        self.postprocs: Iterator[Postprocessor] | None = None
-        if isinstance(postproc, Sequence):
-            self.postprocs = iter(list(postproc))
-        elif postproc is not None:
-            if not callable(postproc):
-                msg = (
-                    "`activation_postproc` must be None, a callable or a list of callables "
-                    f"(got {type(postproc).__name__})"
-                )
-                raise TypeError(msg)
-            self.single = postproc
 
 
 class Recorder(nn.Module):
@@ -165,12 +123,13 @@ class Recorder(nn.Module):
             msg = f"`net` must be a torch.nn.Module (got {type(net).__name__})"
             raise TypeError(msg)
         self._net = net
-        self._activations: dict[DepthIdx, Any] = {}
-        self._call_state: _CallState | None = None
-        self._handles: list[RemovableHandle] = []
+        # identifies this recorder's calls to its hooks (see scio.recorder.capture)
+        self.__dict__["_owner"] = object()
+        # hooks sit only on the modules recorded or tapped now (see `_sync_hooks`)
+        self.__dict__["_hooks"] = {}
+        self.__dict__["_hooking"] = True
         self._taps: dict[nn.Module, None] = {}
-        self._tapped: dict[nn.Module, list[tuple[Any, Any]]] = {}
-        self._tail: Any = None  # scio.scores.tail.Tail, built lazily by `shaped_forward`
+        self._tail: Any = None  # scio.recorder.tail.Tail, built lazily by `shaped_forward`
         if force_static_flow:
             try:
                 torch.fx.symbolic_trace(net)
@@ -213,12 +172,10 @@ class Recorder(nn.Module):
         self._rows_key = _rows_key(self._rows)
         self._recording: tuple[DepthIdx, ...] = ()
         self._record_seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
-        self.record()
-        hook = _weak_hook(weakref.ref(self))
+        self.__dict__["_hook"] = _hook_for(self._owner)
         self.__dict__["_modules_seen"] = tuple(dict.fromkeys(module for _, module in self._rows))
         self.__dict__["_first_param"] = next(iter(net.parameters()), None)
-        for module in dict.fromkeys(module for _, module in self._rows):
-            self._handles.append(module.register_forward_hook(hook))
+        self.record()
 
     # -- layers -----------------------------------------------------------------------------
     @property
@@ -272,6 +229,22 @@ class Recorder(nn.Module):
         self._record_seqs = seqs
         self._recording = tuple(sorted(found))  # type: ignore[arg-type]
         self._tail = None
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Hook exactly the modules that are recorded or tapped (a hook on any other module
+        would only cost time: torch's slow call path on every call of it)."""
+        hooks: dict[nn.Module, RemovableHandle] = self.__dict__["_hooks"]
+        if not self.__dict__["_hooking"]:
+            return
+        wanted = {
+            module for module, seq in self._record_seqs.items() if any(w for _, w in seq)
+        } | set(self._taps)
+        for module in [m for m in hooks if m not in wanted]:
+            hooks.pop(module).remove()
+        for module in self.__dict__["_modules_seen"]:
+            if module in wanted and module not in hooks:
+                hooks[module] = module.register_forward_hook(self.__dict__["_hook"])
 
     @property
     def recording(self) -> tuple[DepthIdx, ...]:
@@ -294,8 +267,11 @@ class Recorder(nn.Module):
 
     @property
     def activations(self) -> Mapping[DepthIdx, Any]:
-        """Read-only activations of the latest forward pass, in firing order."""
-        return MappingProxyType(self._activations)
+        """Read-only activations of the latest forward pass *in the current thread* (or
+        asyncio task), in firing order; empty before any. Each call's activations belong to
+        that call (see :meth:`capture`), so concurrent calls never see each other's."""
+        capture = last_capture(self._owner)
+        return _EMPTY if capture is None else capture.view()
 
     # -- input taps (internal: the heads of head-based scores) -------------------------------
     def _tap(self, *modules: nn.Module) -> None:
@@ -306,19 +282,24 @@ class Recorder(nn.Module):
                 msg = f"Cannot tap {type(module).__name__}: it is not a layer of the network"
                 raise ValueError(msg)
             self._taps[module] = None
+        self._sync_hooks()
 
     @property
     def _tapped_inputs(self) -> dict[nn.Module, Any]:
-        """(First) input of each tapped module at its latest call in the latest forward."""
-        return {module: calls[-1][0] for module, calls in self._tapped.items()}
+        """(First) input of each tapped module at its latest call in the latest forward of
+        the current thread."""
+        capture = last_capture(self._owner)
+        return {} if capture is None else capture.tapped_inputs
 
     @property
     def _tapped_calls(self) -> Mapping[nn.Module, list[tuple[Any, Any]]]:
-        """``(input, output)`` of every call of each tapped module in the latest forward."""
-        return MappingProxyType(self._tapped)
+        """``(input, output)`` of every call of each tapped module in the latest forward of
+        the current thread."""
+        capture = last_capture(self._owner)
+        return MappingProxyType({} if capture is None else capture.tapped)
 
     def _from_shared(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SharedForward | None:
-        shared = _SHARED.get()
+        shared = current_shared()
         if (
             shared is None
             or shared.net is not self._net
@@ -350,38 +331,57 @@ class Recorder(nn.Module):
                 recording; a returned tensor replaces the module output.
             dont_record: skip recording (post-processing still applies).
         """
-        state = self.__dict__
-        if activation_postproc is None and _SHARED.get() is not None:
+        return self.capture(
+            *args, activation_postproc=activation_postproc, dont_record=dont_record, **kwargs
+        ).out
+
+    def capture(
+        self,
+        *args: Any,
+        activation_postproc: Postprocessor | Sequence[Postprocessor] | None = None,
+        dont_record: bool = False,
+        **kwargs: Any,
+    ) -> Capture:
+        """Like :meth:`forward`, but return the call's :class:`Capture`: its output
+        (``.out``), recorded activations (``.activations``) and tapped inputs. The capture
+        belongs to this call alone; it is also the current thread's :attr:`activations`."""
+        owner = self._owner
+        if activation_postproc is None and current_shared() is not None:
             shared = self._from_shared(args, kwargs)
             if shared is not None:
-                recording = set(self._recording)
-                state["_activations"] = (
-                    {}
-                    if dont_record
-                    else {d: a for d, a in shared.activations.items() if d in recording}
-                )
-                state["_tapped"] = {module: shared.tapped[module] for module in self._taps}
-                return shared.out
-        state["_activations"] = {}
-        state["_tapped"] = {}
-        state["_call_state"] = _CallState(self._record_seqs, activation_postproc, dont_record)
+                capture = Capture(owner, self._record_seqs, self._taps)
+                if not dont_record:
+                    recording = set(self._recording)
+                    capture.activations = {
+                        d: a for d, a in shared.activations.items() if d in recording
+                    }
+                capture.tapped = {module: shared.tapped[module] for module in self._taps}
+                capture.out = shared.out
+                remember(capture)
+                return capture
+        capture = Capture(
+            owner,
+            self._record_seqs,
+            self._taps,
+            activation_postproc,
+            dont_record,
+            len(self._recording),
+        )
         try:
-            out = self._net(*args, **kwargs)
-        except (Exception, KeyboardInterrupt):
-            state["_activations"] = {}
-            state["_tapped"] = {}
+            with running(capture):
+                capture.out = self._net(*args, **kwargs)
+            if not dont_record and len(capture.activations) != len(self._recording):
+                diff = sorted(set(self._recording) - set(capture.activations))
+                msg = (
+                    f"Missing {diff} activations. This may be due to dynamic control flow, for "
+                    "which functionality is NOT GUARANTEED!"
+                )
+                raise RuntimeError(msg)
+        except BaseException:
+            remember(Capture(owner, {}, {}))  # a failed call leaves no activations
             raise
-        finally:
-            state["_call_state"] = None
-        if not dont_record and len(self._activations) != len(self._recording):
-            diff = sorted(set(self._recording) - set(self._activations))
-            self._activations = {}
-            msg = (
-                f"Missing {diff} activations. This may be due to dynamic control flow, for "
-                "which functionality is NOT GUARANTEED!"
-            )
-            raise RuntimeError(msg)
-        return out
+        remember(capture)
+        return capture
 
     def shaped_forward(
         self,
@@ -394,11 +394,11 @@ class Recorder(nn.Module):
 
         ``activations`` must be the recorded activations of ``inputs`` (e.g. from the
         forward that computed the plain logits). When the network can be split after the
-        first recorded layer (see :class:`scio.scores.tail.Tail`) only that tail is rerun;
+        first recorded layer (see :class:`scio.recorder.tail.Tail`) only that tail is rerun;
         otherwise (dynamic control flow, skip connections around the layer, ...) a second
         full forward is run, with the reason in a debug log.
         """
-        from scio.scores.tail import Tail
+        from scio.recorder.tail import Tail
 
         if self._tail is None:
             self._tail = Tail(self)
@@ -418,59 +418,30 @@ class Recorder(nn.Module):
         recorded = set(self._recording)
         for depth_idx, module in self._rows[start:]:
             seqs.setdefault(module, []).append((depth_idx, depth_idx in recorded))
-        state = _CallState(seqs, activation_postproc, dont_record=True)
-        first = state.single
-        if state.postprocs is not None:
-            first = next(state.postprocs, None)
+        capture = Capture(
+            self._owner, seqs, {}, activation_postproc, dont_record=True, n_recorded=len(recorded)
+        )
+        first = capture.single
+        if capture.postprocs is not None:
+            first = next(capture.postprocs, None)
         if first is not None:
             shaped = first(activation)
             activation = activation if shaped is None else shaped
-        self.__dict__["_call_state"] = state
-        try:
+        with running(capture):
             return graph(activation)
-        finally:
-            self.__dict__["_call_state"] = None
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        state = self._call_state
-        if state is None:  # not called from this recorder's forward
-            return None
-        if module in self._taps:
-            self._tapped.setdefault(module, []).append((args[0] if args else None, output))
-        call = state.counts.get(module, 0)
-        state.counts[module] = call + 1
-        depth_idx, requested = state.seqs[module][call]
-        if not requested:
-            return None
-        if not state.dont_record:
-            self._activations[depth_idx] = output
-        postproc = state.single
-        if state.postprocs is not None:
-            postproc = next(state.postprocs, None)
-            if postproc is None:
-                msg = (
-                    "There were not enough postprocessing functions for every recorded layers "
-                    f"({len(self.recording)}). If you wish to use the same function for every "
-                    "recorded layer, use the signature `rnet(*args, activation_postproc: "
-                    "Postprocessor, **kwargs). See `help(rnet.forward)` for more information"
-                )
-                raise ValueError(msg)
-        if postproc is None:
-            return None
-        return postproc(output)
 
     # -- misc -------------------------------------------------------------------------------
     def remove_hooks(self) -> None:
         """Detach every hook from the wrapped network (the recorder stops recording)."""
-        for handle in self._handles:
+        self.__dict__["_hooking"] = False
+        hooks = self.__dict__["_hooks"]
+        for handle in hooks.values():
             handle.remove()
-        self._handles.clear()
+        hooks.clear()
 
     def __del__(self) -> None:
-        handles = self.__dict__.get("_handles")
-        if handles:
-            for handle in handles:
-                handle.remove()
+        for handle in self.__dict__.get("_hooks", {}).values():
+            handle.remove()
 
     def __repr__(self) -> str:
         table = repr(self.summary)

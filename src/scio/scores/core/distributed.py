@@ -24,9 +24,9 @@ every entry of the test catalogue, 2 gloo processes, uneven shards and an empty 
 
 * **bitwise** (only concatenated tensors, order preserved): KNN, LID, DkNN, Trust (also
   with a subsampled bank: the subsample is drawn on the merged bank; and with a float16
-  bank while no rank holds more than :data:`~scio.scores.utils.bank.TRAIN_ROWS` rows,
+  bank while no rank holds more than :data:`~scio.index.bank.TRAIN_ROWS` rows,
   beyond which every rank codes its rows against its own codebook and the merged bank
-  equals the single-process one up to float16 rounding, see :mod:`scio.scores.utils.bank`),
+  equals the single-process one up to float16 rounding, see :mod:`scio.index.bank`),
   IsoMax,
   Gram, JTLA, OpenMax, NNGuide, ReAct (exact path), and every score using the reference
   ``calibrate`` contract (e.g. :class:`~scio.scores.BaselineClassif`); scores with nothing
@@ -59,10 +59,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scio.scores.calibration import CalibState
+from scio.scores.core.calibration import CalibState
 
 if TYPE_CHECKING:
-    from scio.scores.base import BaseScore, FitSession
+    from scio.scores.core.base import BaseScore, FitSession
 
 __all__ = [
     "DistributedMismatchError",
@@ -371,7 +371,7 @@ def _merge_buffer(
     device: torch.device,
 ) -> list[tuple[Tensor, Any]]:
     """Gather the inputs/labels buffered by the default (reference ``calibrate``) protocol."""
-    from scio.scores.calibration import concat_labels
+    from scio.scores.core.calibration import concat_labels
 
     assert reference.buffer is not None
     shape, dtype_name, kind, label_dtype = reference.buffer

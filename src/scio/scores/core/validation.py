@@ -3,15 +3,15 @@ objects built on several fitted scores (joint inference, conformal detectors).""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from scio.recorder.modes import eval_mode
+
 if TYPE_CHECKING:
-    from scio.scores.base import BaseScore
+    from scio.scores.core.base import BaseScore
 
 __all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode", "fitted_scores"]
 
@@ -72,28 +72,6 @@ def check_dtype(inputs: Tensor, net: nn.Module, *, name: str) -> None:
         return
 
 
-@contextmanager
-def eval_mode(net: nn.Module) -> Iterator[None]:
-    """Run ``net`` in eval mode, warning if it was training, and restore every flag."""
-    modes = {module: module.training for module in net.modules()}
-    if not any(modes.values()):
-        yield
-        return
-    warnings.warn(
-        "The network is in training mode; scio runs it in eval mode for the score's forward "
-        "passes (dropout off, batch-norm statistics frozen) and restores the mode afterwards. "
-        "Call `net.eval()` to silence this warning.",
-        UserWarning,
-        stacklevel=4,
-    )
-    net.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def fitted_scores(
     scores: BaseScore | Iterable[BaseScore], *, unfit_error: type[Exception], hint: str
 ) -> list[BaseScore]:
@@ -104,7 +82,7 @@ def fitted_scores(
         TypeError: an entry is not a scio score (named by its position).
         unfit_error: an entry is not fitted; the message names it and ends with ``hint``.
     """
-    from scio.scores.base import BaseScore  # the base module imports this one
+    from scio.scores.core.base import BaseScore  # the base module imports this one
 
     listed = [scores] if isinstance(scores, BaseScore) else list(scores)
     if not listed:

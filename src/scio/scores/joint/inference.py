@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from scio.recorder import Recorder, SharedForward, shared_forward
-from scio.scores.base import BaseScore
-from scio.scores.validation import eval_mode, fitted_scores
+from scio.scores.core.base import BaseScore
+from scio.scores.core.validation import eval_mode, fitted_scores
 
 __all__ = ["JointInference", "infer_jointly"]
 

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from scio.recorder import DepthIdx, Recorder
-from scio.scores.base import BaseScore, FitSession
-from scio.scores.calibration import CalibBatch, as_batches
-from scio.scores.distributed import example_input, report_failure, resolve_group
-from scio.scores.inference import JointInference, infer_jointly
-from scio.scores.validation import eval_mode
+from scio.scores.core.base import BaseScore, FitSession
+from scio.scores.core.calibration import CalibBatch, as_batches
+from scio.scores.core.distributed import example_input, report_failure, resolve_group
+from scio.scores.core.validation import eval_mode
+from scio.scores.joint.inference import JointInference, infer_jointly
 
 __all__ = ["JointInference", "fit_jointly", "infer_jointly", "split_batches"]
 

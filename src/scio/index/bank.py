@@ -24,7 +24,7 @@ trains the codebook on them and every row from then on is stored coded. A stream
 than that is coded at the end. The codebook therefore depends on the first rows of the
 stream only, not on how it is batched.
 
-Across processes (:mod:`scio.scores.distributed`): every rank codes its own rows; the
+Across processes (:mod:`scio.scores.core.distributed`): every rank codes its own rows; the
 merged bank concatenates the ranks' codebooks (codes shifted) in rank order, and the rows
 of ranks that never reached :data:`TRAIN_ROWS` are coded together at the end against a
 codebook trained on their first :data:`TRAIN_ROWS`, which is exactly the single-process
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from scio.scores.calibration import CalibState
+    from scio.scores.core.calibration import CalibState
 
 __all__ = [
     "BANK_DTYPES",
@@ -297,7 +297,7 @@ def _concat_shared(segments: list[ResidualBank]) -> ResidualBank:
 
 
 # -- bank parameters of the nearest-neighbour scores (subsampling, storage dtype, backend) ------
-#: The values of :data:`scio.scores.utils.index.IndexBackend` (tested to stay equal).
+#: The values of :data:`scio.index.index.IndexBackend` (tested to stay equal).
 _BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
 
 

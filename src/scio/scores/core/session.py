@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from scio.scores.validation import check_device, check_dtype, check_inputs, eval_mode
+from scio.scores.core.validation import check_device, check_dtype, check_inputs, eval_mode
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
-    from scio.scores.base import BaseScore
-    from scio.scores.calibration import CalibBatch
+    from scio.scores.core.base import BaseScore
+    from scio.scores.core.calibration import CalibBatch
 
 __all__ = ["FitSession"]
 
@@ -95,7 +95,7 @@ class FitSession:
         fits; they raise instead of waiting in the merge). The score stays unfit."""
         if self.group is None:
             return
-        from scio.scores.distributed import report_failure
+        from scio.scores.core.distributed import report_failure
 
         report_failure(self.group, exc)
 
@@ -105,7 +105,7 @@ class FitSession:
         start = perf_counter()
         n_total = self.n_samples
         if self.group is not None:
-            from scio.scores.distributed import merge_session
+            from scio.scores.core.distributed import merge_session
 
             n_total = merge_session(self.group, score, self, self._attrs_before)
         if n_total == 0:

@@ -11,12 +11,13 @@ computed upstream but the first recorded layer's output (no skip connection arou
 use of the network input), every recorded module must be called exactly once, and the tail
 must reproduce the network's own output on two samples of the first batch it sees.
 Otherwise the shaped forward is a second full forward, and the reason is logged at debug level
-(``logging.getLogger("scio.scores.tail")``): never a wrong answer, at worst the old cost.
+(``logging.getLogger("scio.recorder.tail")``): never a wrong answer, at worst the old cost.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,7 @@ class Tail:
         self._graph: Callable[[Any], Any] | None = None
         self._start = 0
         self._verified = False
+        self._lock = threading.Lock()
         self.reason: str | None = None
         try:
             self._build()
@@ -165,19 +167,25 @@ class Tail:
     ) -> Any:
         """Network output for ``inputs`` with ``activation_postproc`` applied."""
         rnet = self._rnet
-        if self._graph is not None and activations:
-            if not self._verified:
-                try:  # once, on two samples: the split is structural
-                    probe = activations[0][:2]
-                    plain = rnet._run_tail(self._graph, self._start, probe, None)
-                    full = rnet(inputs[:2], dont_record=True)
-                except Exception as exc:
-                    self._fallback(f"the tail failed to run ({type(exc).__name__}: {exc})")
-                else:
-                    if _same(plain, full):
-                        self._verified = True
-                    else:
-                        self._fallback("the tail does not reproduce the network output")
-            if self._graph is not None:
-                return rnet._run_tail(self._graph, self._start, activations[0], activation_postproc)
+        if self._graph is not None and activations and not self._verified:
+            with self._lock:  # once, on two samples (the split is structural)
+                if self._graph is not None and not self._verified:
+                    self._verify(rnet, inputs, activations)
+        graph = self._graph  # read once: a concurrent fallback cannot swap it mid-call
+        if graph is not None and activations:
+            return rnet._run_tail(graph, self._start, activations[0], activation_postproc)
         return rnet(inputs, activation_postproc=activation_postproc, dont_record=True)
+
+    def _verify(self, rnet: Recorder, inputs: Tensor, activations: tuple[Tensor, ...]) -> None:
+        assert self._graph is not None
+        try:
+            probe = activations[0][:2]
+            plain = rnet._run_tail(self._graph, self._start, probe, None)
+            full = rnet(inputs[:2], dont_record=True)
+        except Exception as exc:
+            self._fallback(f"the tail failed to run ({type(exc).__name__}: {exc})")
+        else:
+            if _same(plain, full):
+                self._verified = True
+            else:
+                self._fallback("the tail does not reproduce the network output")

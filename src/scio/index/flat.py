@@ -1,10 +1,10 @@
-"""The torch backend of :class:`~scio.scores.utils.index.Index`: an exact ("flat") index.
+"""The torch backend of :class:`~scio.index.index.Index`: an exact ("flat") index.
 
 The population is a tensor on the device of the first added samples; a search is a loop of
 tiled matrix products (or exact differences for small problems) followed by ``topk``, with
 bounded memory (:data:`_DEFAULT_BLOCK_BYTES` per block of the distance matrix). The
 semantics (squared L2 or inner product, fillers, tie order) are those documented in
-:mod:`scio.scores.utils.index`.
+:mod:`scio.index.index`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scio.scores.utils.bank import ResidualBank, encode
+from scio.index.bank import ResidualBank, encode
 from scio.utils.enums import IndexMetric
 
 __all__ = ["FLT_MAX", "TorchIndexFlat", "TorchIndexFlatIP", "TorchIndexFlatL2"]
@@ -37,7 +37,7 @@ class TorchIndexFlat:
 
     The population keeps the device and (floating) dtype of the first added samples; float16 /
     bfloat16 populations are searched in float32, float64 ones in float64. Non-floating samples
-    are stored as float32. A :class:`~scio.scores.utils.bank.ResidualBank` population stays
+    are stored as float32. A :class:`~scio.index.bank.ResidualBank` population stays
     coded (half-precision residuals to a codebook) and is decoded block by block.
     """
 
@@ -84,7 +84,7 @@ class TorchIndexFlat:
     def add(self, x: Tensor | ResidualBank) -> None:
         """Append ``x`` of shape ``(n, d)`` (copied) to the population.
 
-        A :class:`~scio.scores.utils.bank.ResidualBank` is kept coded, without a copy of its
+        A :class:`~scio.index.bank.ResidualBank` is kept coded, without a copy of its
         tensors; rows added later to a coded population are coded against its codebook.
         """
         first = self._data is None

@@ -12,10 +12,11 @@ the memory of their extra forwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from scio.recorder.modes import frozen_parameters
 
 __all__ = ["DEFAULT_MAX_BATCH", "by_chunks", "check_max_batch", "frozen_parameters", "row_chunks"]
 
@@ -57,18 +58,3 @@ def by_chunks(
     if len(parts) == 1:
         return parts[0]
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
-
-
-@contextmanager
-def frozen_parameters(net: nn.Module) -> Iterator[None]:
-    """Parameters of ``net`` do not require grad inside the context; on exit exactly those
-    that did require it get their flag back (also on error). Gradients w.r.t. the inputs
-    are unchanged; ``.grad`` attributes are never touched."""
-    thawed = [param for param in net.parameters() if param.requires_grad]
-    for param in thawed:
-        param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param in thawed:
-            param.requires_grad_(True)
