@@ -16,7 +16,7 @@ import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +25,10 @@ from scio.index import Index
 from scio.index.bank import ResidualBank
 from scio.recorder import Recorder
 
-if TYPE_CHECKING:
-    from scio.scores.core.base import BaseScore
+#: A scio score. Serialization knows scores only through the registry below and the
+#: attributes a score file stores (``params``, ``_fitted_attrs``, the fitted values), so it is
+#: typed structurally here and never imports the scores it serializes.
+BaseScore = Any
 
 __all__ = [
     "FORMAT_VERSION",
@@ -217,19 +219,19 @@ def _net_dtype(net: nn.Module) -> torch.dtype:
 
 #: Score classes by name, filled by :func:`register_score` (every ``BaseScore`` subclass
 #: registers itself when it is defined). Serialization knows the scores only through it.
-_REGISTRY: dict[str, type[BaseScore]] = {}
+_REGISTRY: dict[str, Any] = {}
 #: Packages whose import registers the built-in scores, imported on the first load (plugin
 #: style, so that this module never imports the scores it serializes).
 _PROVIDERS = ("scio.scores",)
 
 
-def register_score(cls: type[BaseScore]) -> None:
+def register_score(cls: Any) -> None:
     """Make ``cls`` loadable by name (called by ``BaseScore.__init_subclass__``); a class
     defined later under the same name replaces the earlier one."""
     _REGISTRY[cls.__name__] = cls
 
 
-def _score_classes() -> dict[str, type[BaseScore]]:
+def _score_classes() -> dict[str, Any]:
     for provider in _PROVIDERS:
         importlib.import_module(provider)
     return dict(_REGISTRY)
@@ -271,8 +273,8 @@ def load_score(
     path: PathLike,
     net: nn.Module,
     *,
-    expected: type[BaseScore] | None = None,
-    classes: Iterable[type[BaseScore]] = (),
+    expected: Any = None,
+    classes: Iterable[Any] = (),
     **recorder_kwargs: Any,
 ) -> BaseScore:
     """Load a score saved with ``score.save(path)`` and bind it to ``net``.
@@ -303,8 +305,8 @@ def score_from_payload(
     net: nn.Module,
     source: str,
     *,
-    expected: type[BaseScore] | None = None,
-    classes: Iterable[type[BaseScore]] = (),
+    expected: Any = None,
+    classes: Iterable[Any] = (),
     **recorder_kwargs: Any,
 ) -> BaseScore:
     """:func:`load_score` from a checked payload (``source`` names it in errors)."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from scio.decision import pvalues as P
 from scio.scores.core.base import BaseScore
 from scio.scores.core.calibration import as_batches
-from scio.scores.core.validation import fitted_scores
+from scio.scores.core.fitted import fitted_scores
 
 __all__ = ["MIN_HOLDOUT", "ConformalDetector", "DetectorFileError"]
 

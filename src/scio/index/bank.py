@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from scio.scores.core.calibration import CalibState
+    from scio.utils.state import CalibState
 
 __all__ = [
     "BANK_DTYPES",

@@ -53,16 +53,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from scio.scores.core.calibration import CalibState
-
-if TYPE_CHECKING:
-    from scio.scores.core.base import BaseScore, FitSession
+from scio.scores.core.protocol import FittableScore, SessionLike
 
 __all__ = [
     "DistributedMismatchError",
@@ -179,7 +177,7 @@ def _labels_kind(labels: list[Any]) -> str:
     return "object"
 
 
-def _local_spec(score: BaseScore, session: FitSession, attrs_before: set[str]) -> _Spec:
+def _local_spec(score: FittableScore, session: SessionLike, attrs_before: set[str]) -> _Spec:
     params = ", ".join(f"{name}={value!r}" for name, value in sorted(score.params.items()))
     config = (type(score).__qualname__, params, tuple(score.rnet.recording))
     parts: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -306,12 +304,14 @@ def _all_sum(local: Tensor, group: Any, comm: torch.device) -> Tensor:
     return wire.to(device=device, dtype=dtype)
 
 
-def _local_device(score: BaseScore) -> torch.device:
+def _local_device(score: FittableScore) -> torch.device:
     param = next(iter(score.rnet.net.parameters()), None)
     return torch.device("cpu") if param is None else param.device
 
 
-def merge_session(group: Any, score: BaseScore, session: FitSession, attrs_before: set[str]) -> int:
+def merge_session(
+    group: Any, score: FittableScore, session: SessionLike, attrs_before: set[str]
+) -> int:
     """Merge ``score``'s calibration state over ``group`` (collective); return the global count.
 
     Every rank must call it. After it, ``score._state`` (or ``score._calib_buffer``) holds
@@ -363,7 +363,7 @@ def merge_session(group: Any, score: BaseScore, session: FitSession, attrs_befor
 
 
 def _merge_buffer(
-    score: BaseScore,
+    score: FittableScore,
     local: _Spec,
     reference: _Spec,
     group: Any,

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scio.scores.core.protocol import FittableScore
 from scio.scores.core.validation import check_device, check_dtype, check_inputs, eval_mode
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
-    from scio.scores.core.base import BaseScore
     from scio.scores.core.calibration import CalibBatch
 
 __all__ = ["FitSession"]
@@ -28,7 +28,7 @@ class FitSession:
     """
 
     def __init__(
-        self, score: BaseScore, rnet: Recorder, n_known: int | None, *, group: Any = None
+        self, score: FittableScore, rnet: Recorder, n_known: int | None, *, group: Any = None
     ) -> None:
         self.group = group  # torch.distributed group to merge over (None: single process)
         self._attrs_before = set(score.__dict__)

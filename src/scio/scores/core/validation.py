@@ -1,19 +1,14 @@
-"""Input checks and the no-side-effect guard shared by every score, and the checks of
-objects built on several fitted scores (joint inference, conformal detectors)."""
+"""Input checks and the no-side-effect guard shared by every score."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
 from scio.recorder.modes import eval_mode
 
-if TYPE_CHECKING:
-    from scio.scores.core.base import BaseScore
-
-__all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode", "fitted_scores"]
+__all__ = ["check_device", "check_dtype", "check_inputs", "eval_mode"]
 
 
 def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str) -> None:
@@ -70,29 +65,3 @@ def check_dtype(inputs: Tensor, net: nn.Module, *, name: str) -> None:
             )
             raise RuntimeError(msg)
         return
-
-
-def fitted_scores(
-    scores: BaseScore | Iterable[BaseScore], *, unfit_error: type[Exception], hint: str
-) -> list[BaseScore]:
-    """``scores`` as a non-empty list of fitted scio scores.
-
-    Raises:
-        ValueError: no score.
-        TypeError: an entry is not a scio score (named by its position).
-        unfit_error: an entry is not fitted; the message names it and ends with ``hint``.
-    """
-    from scio.scores.core.base import BaseScore  # the base module imports this one
-
-    listed = [scores] if isinstance(scores, BaseScore) else list(scores)
-    if not listed:
-        msg = "`scores` must hold at least one fitted score (got none)"
-        raise ValueError(msg)
-    for i, score in enumerate(listed):
-        if not isinstance(score, BaseScore):
-            msg = f"`scores[{i}]` must be a scio score (got {type(score).__name__})"
-            raise TypeError(msg)
-        if not score.is_fit:
-            msg = f"`scores[{i}]` ({type(score).__name__}) is not fitted: {hint}"
-            raise unfit_error(msg)
-    return listed

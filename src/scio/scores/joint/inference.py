@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from scio.recorder import Recorder, SharedForward, shared_forward
 from scio.scores.core.base import BaseScore
-from scio.scores.core.validation import eval_mode, fitted_scores
+from scio.scores.core.fitted import fitted_scores
+from scio.scores.core.validation import eval_mode
 
 __all__ = ["JointInference", "infer_jointly"]
 
