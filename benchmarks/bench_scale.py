@@ -115,7 +115,7 @@ def run_one(method: str, n: int, d: int) -> dict[str, Any]:
     infer_s = (time.perf_counter() - start) * 10_000 / q
     recall = ""
     if getattr(getattr(score, "index", None), "backend", "torch") != "torch":
-        from scio.index.index import recall_at_k
+        from scio.index import recall_at_k
         from scio.scores.utils import Index
 
         exact = Index(dim=d, metric="l2")

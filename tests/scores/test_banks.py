@@ -11,8 +11,8 @@ from tests.conftest import make_net
 
 import scio.datasets as D
 from scio import scores
+from scio.index import recall_at_k
 from scio.index.bank import ResidualBank
-from scio.index.index import recall_at_k
 from scio.recorder import Recorder
 from scio.scores.utils import Index, normalize_samples
 

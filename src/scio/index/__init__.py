@@ -6,6 +6,7 @@
 :mod:`~scio.index.sketch` is the mergeable quantile summary used for thresholds.
 """
 
-from scio.index.index import FLT_MAX, Index, IndexType, make_indexes, recall_at_k
+from scio.index.groups import IndexNest, make_indexes, recall_at_k
+from scio.index.index import FLT_MAX, Index, IndexType
 
-__all__ = ["FLT_MAX", "Index", "IndexType", "make_indexes", "recall_at_k"]
+__all__ = ["FLT_MAX", "Index", "IndexNest", "IndexType", "make_indexes", "recall_at_k"]

@@ -28,11 +28,9 @@ Semantics shared by both backends (they are faiss' ``IndexFlatL2`` / ``IndexFlat
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
-from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Literal, TypeAlias, overload
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -53,16 +51,13 @@ __all__ = [
     "FLT_MAX",
     "Index",
     "IndexBackend",
-    "IndexNest",
     "IndexType",
-    "make_indexes",
-    "recall_at_k",
+    "flatten_samples",
 ]
 
 IndexBackend: TypeAlias = Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"]
 _APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
 _IVF_TRAIN_PER_LIST = 64
-IndexNest: TypeAlias = "Index | tuple[IndexNest, ...]"
 IdsLike: TypeAlias = "Tensor | npt.ArrayLike"
 
 
@@ -107,7 +102,7 @@ def IndexType(metric: IndexMetricLike, *, backend: IndexBackend = "torch") -> An
     raise ValueError(msg)
 
 
-def _flatten(samples: Tensor | npt.ArrayLike) -> Tensor:
+def flatten_samples(samples: Tensor | npt.ArrayLike) -> Tensor:
     t = samples if isinstance(samples, Tensor) else torch.as_tensor(samples)
     if t.ndim == 0:
         msg = "Samples must be at least 1D, with samples along the first dimension (got scalar)"
@@ -262,7 +257,7 @@ class Index:
                 return
             flat = samples.decode()
         else:
-            flat = _flatten(samples)
+            flat = flatten_samples(samples)
             self._check_dim(flat)
         if self._torch is not None:
             with torch.no_grad():
@@ -337,7 +332,7 @@ class Index:
             msg = f"`k` must be a non-negative integer (got {k!r})"
             raise ValueError(msg)
         k = int(k)
-        flat = _flatten(samples)
+        flat = flatten_samples(samples)
         self._check_dim(flat)
         device = flat.device
         out_dtype = flat.dtype if flat.is_floating_point() else torch.float32
@@ -368,163 +363,3 @@ def _drop_self(D: Tensor, I: Tensor, k: int) -> tuple[Tensor, Tensor]:
     pos = torch.where(match.any(dim=1), match.to(torch.int8).argmax(dim=1), k)
     keep = torch.arange(k + 1, device=I.device).unsqueeze(0) != pos.unsqueeze(1)
     return D[keep].reshape(n, k), I[keep].reshape(n, k)
-
-
-# ---------------------------------------------------------------------------------------------
-# make_indexes
-# ---------------------------------------------------------------------------------------------
-
-
-def _group_indexes(
-    samples: Tensor | ResidualBank,
-    groups: Tensor | None,
-    n_groups: int,
-    metric: IndexMetricLike,
-    backend: IndexBackend,
-) -> tuple[Index, ...]:
-    flat = samples if isinstance(samples, ResidualBank) else _flatten(samples)
-    dim = flat.shape[1]
-    chunks: Sequence[Tensor | ResidualBank]
-    if groups is None:
-        chunks = [flat]
-    else:
-        groups = groups.detach().reshape(-1).to(flat.device)
-        if groups.shape[0] != flat.shape[0]:
-            msg = (
-                f"Each groups tensor must have one value per sample (got {groups.shape[0]} "
-                f"values for {flat.shape[0]} samples)"
-            )
-            raise ValueError(msg)
-        if groups.is_floating_point() or groups.is_complex():
-            chunks = [flat[groups == value] for value in range(n_groups)]
-        else:
-            g = groups.to(torch.int64)
-            sel = ((g >= 0) & (g < n_groups)).nonzero().squeeze(1)
-            g = g[sel]
-            order = g.argsort(stable=True)
-            counts = torch.bincount(g, minlength=n_groups).tolist()
-            rows = sel[order]
-            bounds = np.cumsum([0, *counts]).tolist()
-            chunks = [flat[rows[a:b]] for a, b in itertools.pairwise(bounds)]
-    out = []
-    for chunk in chunks:
-        index = Index(dim=dim, metric=metric, backend=backend)
-        index.add(chunk)
-        out.append(index)
-    return tuple(out)
-
-
-@overload
-def make_indexes(
-    all_samples: Tensor | ResidualBank,
-    all_groups: None = None,
-    *,
-    n_groups: int | None = None,
-    metric: IndexMetricLike,
-    squeeze: Literal[True] = True,
-    backend: IndexBackend = "torch",
-) -> Index: ...
-
-
-@overload
-def make_indexes(
-    all_samples: Sequence[Tensor | ResidualBank],
-    all_groups: None = None,
-    *,
-    n_groups: int | None = None,
-    metric: IndexMetricLike,
-    squeeze: Literal[True] = True,
-    backend: IndexBackend = "torch",
-) -> tuple[Index, ...]: ...
-
-
-@overload
-def make_indexes(
-    all_samples: Tensor | ResidualBank,
-    all_groups: Tensor,
-    *,
-    n_groups: int | None = None,
-    metric: IndexMetricLike,
-    squeeze: Literal[True] = True,
-    backend: IndexBackend = "torch",
-) -> tuple[Index, ...]: ...
-
-
-@overload
-def make_indexes(
-    all_samples: Tensor | ResidualBank | Sequence[Tensor | ResidualBank],
-    all_groups: Tensor | Sequence[Tensor] | None = None,
-    *,
-    n_groups: int | None = None,
-    metric: IndexMetricLike,
-    squeeze: bool = True,
-    backend: IndexBackend = "torch",
-) -> IndexNest: ...
-
-
-def make_indexes(
-    all_samples: Tensor | ResidualBank | Sequence[Tensor | ResidualBank],
-    all_groups: Tensor | Sequence[Tensor] | None = None,
-    *,
-    n_groups: int | None = None,
-    metric: IndexMetricLike,
-    squeeze: bool = True,
-    backend: IndexBackend = "torch",
-) -> IndexNest:
-    """Build one :class:`Index` per (groups tensor, samples tensor, group value).
-
-    The index for group value ``g`` holds the samples whose group equals ``g``, in their
-    original order (empty groups give empty indexes). The result is nested as
-    ``groups tensors → samples tensors → group values``. With ``squeeze``, the groups level is
-    dropped if ``all_groups`` is a tensor or ``None``, the samples level if ``all_samples`` is a
-    tensor, and the group-value level if ``all_groups`` is ``None`` (then ``n_groups=1``).
-
-    Example: ``make_indexes(acts, metric="l2")`` → one ``Index``;
-    ``make_indexes((acts1, acts2), labels, n_groups=C, metric="ip")`` → ``((Index,)*C,)*2``.
-
-    Raises:
-        ValueError: ``all_groups`` is given but ``n_groups`` is not a positive integer.
-
-    """
-    single = isinstance(all_samples, Tensor | ResidualBank)
-    samples_seq = (all_samples,) if single else tuple(all_samples)  # type: ignore[arg-type]
-    groups_seq: tuple[Tensor | None, ...]
-    if all_groups is None:
-        groups_seq, n = (None,), 1
-    else:
-        if (
-            isinstance(n_groups, bool)
-            or not isinstance(n_groups, int | np.integer)
-            or n_groups <= 0
-        ):
-            msg = (
-                "Since `all_groups is not None`, `n_groups` must be a positive integer "
-                f"(got {n_groups})"
-            )
-            raise ValueError(msg)
-        n = int(n_groups)
-        groups_seq = (all_groups,) if isinstance(all_groups, Tensor) else tuple(all_groups)
-
-    squeeze_values = squeeze and all_groups is None
-    squeeze_samples = squeeze and single
-    squeeze_groups = squeeze and (all_groups is None or isinstance(all_groups, Tensor))
-
-    def per_samples(samples: Tensor | ResidualBank, groups: Tensor | None) -> IndexNest:
-        indexes = _group_indexes(samples, groups, n, metric, backend)
-        return indexes[0] if squeeze_values else indexes
-
-    def per_groups(groups: Tensor | None) -> IndexNest:
-        level = tuple(per_samples(samples, groups) for samples in samples_seq)
-        return level[0] if squeeze_samples else level
-
-    top = tuple(per_groups(groups) for groups in groups_seq)
-    return top[0] if squeeze_groups else top
-
-
-def recall_at_k(index: Index, reference: Index, queries: Tensor, k: int) -> float:
-    """Mean fraction of the ``k`` true nearest neighbours (from ``reference``, usually the
-    exact index over the same samples) that ``index`` returns for ``queries``."""
-    found = index.search(queries, k)[1]
-    truth = reference.search(queries, k)[1]
-    hits = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
-    return float(hits.any(dim=1).sum()) / max(1, int((truth >= 0).sum()))
