@@ -22,6 +22,8 @@ from typing import Any, TypeAlias
 
 from torch import Tensor, nn
 
+from scio.recorder.io import reduce_tokens
+
 __all__ = [
     "Capture",
     "DepthIdx",
@@ -56,6 +58,7 @@ class Capture:
         "activations",
         "counts",
         "dont_record",
+        "mask",
         "n_recorded",
         "out",
         "owner",
@@ -65,6 +68,7 @@ class Capture:
         "single",
         "tapped",
         "taps",
+        "tokens",
     )
 
     def __init__(
@@ -88,6 +92,8 @@ class Capture:
         self.tapped: dict[nn.Module, list[tuple[Any, Any]]] = {}
         self.out: Any = None
         self.parent: Capture | None = None
+        self.tokens: Mapping[DepthIdx, Any] = {}  # token reduction per recorded layer
+        self.mask: Any = None  # the call's attention mask, for token means
         if isinstance(postproc, Sequence):
             self.postprocs = iter(list(postproc))
         elif postproc is not None:
@@ -120,11 +126,24 @@ class Capture:
             self.tapped.setdefault(module, []).append((args[0] if args else None, output))
         call = self.counts.get(module, 0)
         self.counts[module] = call + 1
-        depth_idx, requested = self.seqs[module][call]
+        seq = self.seqs[module]
+        if call >= len(seq):
+            msg = (
+                f"{type(module).__name__} was called {call + 1} times in this forward but "
+                f"{len(seq)} time(s) when the Recorder listed the layers: the network's "
+                "control flow is dynamic, and its layer identifiers are unreliable"
+            )
+            raise RuntimeError(msg)
+        depth_idx, requested = seq[call]
         if not requested:
             return None
         if not self.dont_record:
-            self.activations[depth_idx] = output
+            if self.tokens:
+                self.activations[depth_idx] = reduce_tokens(
+                    output, self.tokens.get(depth_idx), self.mask
+                )
+            else:
+                self.activations[depth_idx] = output
         postproc = self.next_postproc()
         if postproc is None:
             return None

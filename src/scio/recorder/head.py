@@ -14,6 +14,7 @@ inference and shares the calibration forward of :func:`scio.scores.fit_jointly`.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from scio.recorder import Recorder
 
 __all__ = ["find_head"]
+
+#: The discovery forward running in this context (its hooks ignore every other call).
+_PROBING: ContextVar[object] = ContextVar("scio_head_probe", default=None)
 
 
 def _module_names(net: nn.Module) -> dict[nn.Module, str]:
@@ -53,7 +57,7 @@ def find_head(rnet: Recorder, probe: Tensor, head: str | None = None) -> tuple[s
         ValueError: nothing is recorded, the named module is not an ``nn.Linear`` called
             once after the recorded layers, or no such linear layer produces the output.
     """
-    net = rnet.net
+    net = rnet._inner
     if not rnet.recording:
         msg = (
             "The recorder records no layer: head-based scores need the layer before the "
@@ -63,16 +67,20 @@ def find_head(rnet: Recorder, probe: Tensor, head: str | None = None) -> tuple[s
     names = _module_names(net)
     recorded = set(rnet.recorded_modules.values())
     events: list[tuple[nn.Module, Any]] = []
+    probe_call = object()
 
     def hook(module: nn.Module, _args: Any, output: Any) -> None:
-        events.append((module, output))
+        if _PROBING.get() is probe_call:  # not another thread's call of the same network
+            events.append((module, output))
 
     watched = {m for m in net.modules() if isinstance(m, nn.Linear)} | recorded
     handles = [module.register_forward_hook(hook) for module in watched]
+    token = _PROBING.set(probe_call)
     try:
         with torch.no_grad(), eval_mode(net):
-            out = net(probe)
+            out = rnet._plain_call(probe)
     finally:
+        _PROBING.reset(token)
         for handle in handles:
             handle.remove()
     after = max(i for i, (module, _) in enumerate(events) if module in recorded) + 1

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 import torch
 import torchinfo
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchinfo.layer_info import LayerInfo
 
 from scio.recorder.capture import (
     Capture,
@@ -29,6 +28,22 @@ from scio.recorder.capture import (
     remember,
     running,
     shared_forward,
+)
+from scio.recorder.io import (
+    OutputSpec,
+    TokenReduction,
+    check_output_spec,
+    check_token,
+    read_output,
+)
+from scio.recorder.layers import (
+    DEFAULT_SUMMARY_KWARGS,
+    check_static_flow,
+    get_layer_info_depth_idx,
+    lazy_func,
+    module_names,
+    rows_key,
+    summarize,
 )
 
 __all__ = [
@@ -44,41 +59,7 @@ __all__ = [
 
 LayerSpec: TypeAlias = DepthIdx | str
 
-_R = TypeVar("_R")
-
-_DEFAULT_SUMMARY_KWARGS: dict[str, Any] = {
-    "col_names": ("input_size", "output_size", "num_params", "params_percent"),
-    "depth": float("inf"),
-    "row_settings": ("var_names", "depth"),
-    "verbose": torchinfo.Verbosity.QUIET,
-}
-
-
-def get_layer_info_depth_idx(layer_info: LayerInfo) -> DepthIdx:
-    """Return the ``(depth, depth_index)`` identifier of a torchinfo row."""
-    if layer_info.depth_index is None:
-        msg = f"Unexpected `None` depth_index for {layer_info}"
-        raise ValueError(msg)
-    return (layer_info.depth, layer_info.depth_index)
-
-
-def lazy_func(ref: Callable[[], Callable[..., _R] | None]) -> Callable[..., _R | None]:
-    """Return a function calling the referent of ``ref``, or returning ``None`` if it died."""
-
-    def call(*args: Any, **kwargs: Any) -> _R | None:
-        func = ref()
-        if func is None:
-            return None
-        return func(*args, **kwargs)
-
-    return call
-
-
 _EMPTY: Mapping[DepthIdx, Any] = MappingProxyType({})
-
-
-def _rows_key(rows: Sequence[tuple[DepthIdx, nn.Module]]) -> tuple[tuple[DepthIdx, int], ...]:
-    return tuple((depth_idx, id(module)) for depth_idx, module in rows)
 
 
 def _hook_for(owner: object) -> Callable[..., Any]:
@@ -95,6 +76,12 @@ def _hook_for(owner: object) -> Callable[..., Any]:
     return hook
 
 
+def _compiled_original(net: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile``d network wraps (``None`` for a plain module)."""
+    original = getattr(net, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else None
+
+
 class Recorder(nn.Module):
     """Wrap ``net`` to record the outputs of chosen layers during forward passes.
 
@@ -104,78 +91,81 @@ class Recorder(nn.Module):
             ``net`` is static, so that layer identifiers are the same at every call. With
             ``False``, dynamic networks are accepted at your own risk: a layer that is not
             called, or called a different number of times, makes recording unreliable.
+        output: how the network's output is read as logits (extension): ``None`` (default)
+            takes a tensor as is, the ``logits`` of a ``ModelOutput`` or dict, the first
+            element of a tuple; a field name (``"logits"``) or a callable overrides it.
+        compile: compile the recorded network once with ``torch.compile`` (extension), hooks
+            included; a network already compiled (``torch.compile(net)``) is accepted as is.
         **summary_kwargs: passed to ``torchinfo.summary``; ``input_data`` or ``input_size``
-            is required (one forward pass lists the layers).
+            is required (one forward pass lists the layers). A dict ``input_data`` (e.g. a
+            Hugging Face batch) makes the recorder call the network as ``net(**batch)``.
 
     Layers are identified by torchinfo's ``(depth, idx)`` pairs (``idx`` counts rows at that
     depth over the whole network); the whole network is ``(0, 1)``. Modules used
     functionally (``F.relu``) are invisible. Extension: layers may also be selected by
-    module name, e.g. ``rnet.record("avgpool")``.
+    module name as ``named_modules()`` prints it, e.g. ``rnet.record("avgpool")`` or
+    ``rnet.record("vit.layernorm", token="cls")``.
+
+    Every call's activations belong to that call (:meth:`capture`); one recorder serves many
+    threads at once, and hooks sit only on the modules recorded or tapped.
     """
 
     summary: torchinfo.ModelStatistics
+    # set in __dict__ (not as nn.Module attributes): read on every call
+    _inner: nn.Module
+    _output: OutputSpec
+    _keyword_inputs: bool
+    _owner: object
 
     def __init__(
-        self, net: nn.Module, /, *, force_static_flow: bool = True, **summary_kwargs: Any
+        self,
+        net: nn.Module,
+        /,
+        *,
+        force_static_flow: bool = True,
+        output: OutputSpec = None,
+        compile: bool = False,
+        **summary_kwargs: Any,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             msg = f"`net` must be a torch.nn.Module (got {type(net).__name__})"
             raise TypeError(msg)
+        check_output_spec(output)
         self._net = net
+        # a compiled network is listed, hooked and traced through the module it wraps
+        inner = _compiled_original(net) or net
+        self.__dict__["_inner"] = inner
+        self.__dict__["_output"] = output
         # identifies this recorder's calls to its hooks (see scio.recorder.capture)
         self.__dict__["_owner"] = object()
         # hooks sit only on the modules recorded or tapped now (see `_sync_hooks`)
         self.__dict__["_hooks"] = {}
         self.__dict__["_hooking"] = True
+        self.__dict__["_tokens"] = {}
         self._taps: dict[nn.Module, None] = {}
         self._tail: Any = None  # scio.recorder.tail.Tail, built lazily by `shaped_forward`
         if force_static_flow:
-            try:
-                torch.fx.symbolic_trace(net)
-            except torch.fx.proxy.TraceError as exc:
-                msg = (
-                    "The control flow of the input network is not static (see traceback). Use "
-                    "`Recorder` at your own risk with `force_static_flow=False`. See "
-                    "`help(Recorder)` for a detailed warning"
-                )
-                raise RuntimeError(msg) from exc
-        kwargs = {**_DEFAULT_SUMMARY_KWARGS, **summary_kwargs}
+            check_static_flow(inner)
+        kwargs = {**DEFAULT_SUMMARY_KWARGS, **summary_kwargs}
         if "input_size" not in kwargs and "input_data" not in kwargs:
             msg = "You must provide `input_data` or `input_size`"
             raise ValueError(msg)
-        grad_flags = {name: p.requires_grad for name, p in net.named_parameters()}
-        modes = {module: module.training for module in net.modules()}
-        try:
-            self.summary = torchinfo.summary(net, **kwargs)
-        except RuntimeError as exc:
-            given = kwargs.get("input_size")
-            if given is None:
-                data = kwargs.get("input_data")
-                given = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            msg = (
-                f"The network failed to run on the Recorder's example input ({given}): pass "
-                "`input_data` (e.g. one calibration sample, `data[:1]`) or `input_size` with "
-                "the shape the network expects, batch dimension included"
-            )
-            raise RuntimeError(msg) from exc
-        finally:
-            torchinfo.torchinfo.clear_cached_forward_pass()
-            # torchinfo restores only the root's mode; leave every flag as it was
-            for name, param in net.named_parameters():
-                param.requires_grad_(grad_flags[name])
-            for module, training in modes.items():
-                module.training = training
+        # a dict batch is passed as keyword arguments, as torchinfo does
+        self.__dict__["_keyword_inputs"] = isinstance(kwargs.get("input_data"), Mapping)
+        self.summary = summarize(inner, kwargs)
         self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
             (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
         )
-        self._rows_key = _rows_key(self._rows)
+        self._rows_key = rows_key(self._rows)
         self._recording: tuple[DepthIdx, ...] = ()
         self._record_seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
         self.__dict__["_hook"] = _hook_for(self._owner)
         self.__dict__["_modules_seen"] = tuple(dict.fromkeys(module for _, module in self._rows))
         self.__dict__["_first_param"] = next(iter(net.parameters()), None)
         self.record()
+        # compiled once, after the hooks: later calls run the compiled graph with them
+        self.__dict__["_call"] = torch.compile(net) if compile else net
 
     # -- layers -----------------------------------------------------------------------------
     @property
@@ -191,9 +181,7 @@ class Recorder(nn.Module):
     @property
     def layer_names(self) -> dict[DepthIdx, str]:
         """Qualified module name of every layer (``""`` for the whole network)."""
-        names: dict[nn.Module, str] = {}
-        for name, module in self._net.named_modules():
-            names.setdefault(module, name)
+        names = module_names(self.__dict__["_inner"])
         return {depth_idx: names.get(module, "?") for depth_idx, module in self._rows}
 
     def _resolve(self, spec: object) -> object:
@@ -204,13 +192,20 @@ class Recorder(nn.Module):
                     return depth_idx
         return spec
 
-    def record(self, *depth_idxs: LayerSpec) -> None:
+    def record(self, *depth_idxs: LayerSpec, token: TokenReduction | None = None) -> None:
         """Choose the layers to record (``record()`` clears the selection).
 
         Each layer is a ``(depth, idx)`` pair from the summary table, or a module name.
         Order and duplicates are ignored. Unknown layers raise ``ValueError`` and keep the
         previous selection.
+
+        Args:
+            token: extension for token sequences: a recorded ``(n, T, d)`` activation is
+                kept as its first token (``"cls"``) or its mean over the tokens (``"mean"``,
+                over the non-padded ones when the call has an ``attention_mask``), so that
+                feature scores see one vector per sample. The network itself is unchanged.
         """
+        check_token(token)
         requested = {self._resolve(spec) for spec in depth_idxs}
         seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
         found: set[object] = set()
@@ -228,6 +223,7 @@ class Recorder(nn.Module):
             raise ValueError(msg)
         self._record_seqs = seqs
         self._recording = tuple(sorted(found))  # type: ignore[arg-type]
+        self.__dict__["_tokens"] = {} if token is None else dict.fromkeys(self._recording, token)
         self._tail = None
         self._sync_hooks()
 
@@ -359,6 +355,11 @@ class Recorder(nn.Module):
                 capture.out = shared.out
                 remember(capture)
                 return capture
+        state = self.__dict__
+        if state["_keyword_inputs"] and len(args) == 1 and not kwargs:
+            batch = args[0]
+            if isinstance(batch, Mapping):  # a dict batch: the network is called with **batch
+                args, kwargs = (), dict(batch)
         capture = Capture(
             owner,
             self._record_seqs,
@@ -367,9 +368,17 @@ class Recorder(nn.Module):
             dont_record,
             len(self._recording),
         )
+        tokens = state["_tokens"]
+        if tokens:
+            capture.tokens = tokens
+            capture.mask = kwargs.get("attention_mask")
         try:
             with running(capture):
-                capture.out = self._net(*args, **kwargs)
+                raw = state["_call"](*args, **kwargs)
+            output = state["_output"]
+            capture.out = (
+                raw if output is None and type(raw) is Tensor else read_output(raw, output)
+            )
             if not dont_record and len(capture.activations) != len(self._recording):
                 diff = sorted(set(self._recording) - set(capture.activations))
                 msg = (
@@ -382,6 +391,16 @@ class Recorder(nn.Module):
             raise
         remember(capture)
         return capture
+
+    def _plain_call(self, inputs: Any) -> Any:
+        """The network's logits for ``inputs`` (a tensor or dict batch), recording nothing:
+        the uncompiled network, called as the recorder calls it."""
+        raw = (
+            self._inner(**inputs)
+            if self._keyword_inputs and isinstance(inputs, Mapping)
+            else (self._inner(inputs))
+        )
+        return read_output(raw, self._output)
 
     def shaped_forward(
         self,
