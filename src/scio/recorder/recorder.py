@@ -88,7 +88,9 @@ class Recorder(nn.Module):
     Args:
         net: the network to wrap (stored as ``self._net``, also returned by :attr:`net`).
         force_static_flow: check with ``torch.fx.symbolic_trace`` that the control flow of
-            ``net`` is static, so that layer identifiers are the same at every call. With
+            ``net`` is static, so that layer identifiers are the same at every call (for a
+            network called with a dict batch, which fx cannot trace, every forward checks
+            that each recorded module fired as listed instead). With
             ``False``, dynamic networks are accepted at your own risk: a layer that is not
             called, or called a different number of times, makes recording unreliable.
         output: how the network's output is read as logits (extension): ``None`` (default)
@@ -145,14 +147,17 @@ class Recorder(nn.Module):
         self.__dict__["_tokens"] = {}
         self._taps: dict[nn.Module, None] = {}
         self._tail: Any = None  # scio.recorder.tail.Tail, built lazily by `shaped_forward`
-        if force_static_flow:
-            check_static_flow(inner)
         kwargs = {**DEFAULT_SUMMARY_KWARGS, **summary_kwargs}
         if "input_size" not in kwargs and "input_data" not in kwargs:
             msg = "You must provide `input_data` or `input_size`"
             raise ValueError(msg)
         # a dict batch is passed as keyword arguments, as torchinfo does
-        self.__dict__["_keyword_inputs"] = isinstance(kwargs.get("input_data"), Mapping)
+        keyword_inputs = isinstance(kwargs.get("input_data"), Mapping)
+        self.__dict__["_keyword_inputs"] = keyword_inputs
+        if force_static_flow and not keyword_inputs:
+            # torch.fx cannot trace keyword-driven models (Hugging Face): for those, every
+            # forward checks instead that each recorded module fired as listed
+            check_static_flow(inner)
         self.summary = summarize(inner, kwargs)
         self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
             (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
