@@ -159,6 +159,10 @@ class Recorder(nn.Module):
             # forward checks instead that each recorded module fired as listed
             check_static_flow(inner)
         self.summary = summarize(inner, kwargs)
+        if keyword_inputs:  # deep models: print the names `record` takes ("bert.pooler")
+            names = module_names(inner)
+            for info in self.summary.summary_list:
+                info.var_name = names.get(info.module, "") or info.var_name
         self._rows: tuple[tuple[DepthIdx, nn.Module], ...] = tuple(
             (get_layer_info_depth_idx(info), info.module) for info in self.summary.summary_list
         )
