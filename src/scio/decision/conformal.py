@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from scio.decision import pvalues as P
+from scio.decision.files import DetectorFileError, read_detector, save_detector
 from scio.scores.core.base import BaseScore
 from scio.scores.core.calibration import as_batches
 from scio.scores.core.fitted import fitted_scores
@@ -29,15 +30,9 @@ __all__ = ["MIN_HOLDOUT", "ConformalDetector", "DetectorFileError"]
 #: smallest p-value is 1/20, so ``alpha = 0.05`` can flag an input.
 MIN_HOLDOUT = 19
 
-_MAGIC = "scio-conformal-detector"
-_FORMAT_VERSION = 1
 _STATE = ("holdout_conformities_", "holdout_classes_", "n_classes_")
 
 PathLike = str | os.PathLike[str]
-
-
-class DetectorFileError(ValueError):
-    """A detector file is unreadable, of another format version or of another algorithm."""
 
 
 def _infer(scores: Sequence[BaseScore], inputs: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -332,34 +327,15 @@ class ConformalDetector:
         values, _, _ = self._sorted
         return values[:, int(ranks[0]) - 1]
 
-    # -- files ------------------------------------------------------------------------------
+    # -- files (see scio.decision.files) --------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the fitted detector and its scores to ``path`` (safe format, see
         :mod:`scio.serialization`; load with :meth:`ConformalDetector.load`).
 
         With ``randomize=True``, the loaded detector restarts its tie-breaking generator
         from ``seed`` (its draws repeat those made right after ``fit``)."""
-        from scio.serialization import score_payload
-
         self._check_fit()
-        payload = {
-            "magic": _MAGIC,
-            "format_version": _FORMAT_VERSION,
-            "class": type(self).__name__,
-            "params": {
-                "combine": self.combine,
-                "class_conditional": self.class_conditional,
-                "randomize": self.randomize,
-                "seed": self.seed,
-            },
-            "scores": [score_payload(score) for score in self.scores],
-            "state": {
-                "holdout_conformities_": self.holdout_conformities_.detach().cpu().clone(),
-                "holdout_classes_": self.holdout_classes_.detach().cpu().clone(),
-                "n_classes_": self.n_classes_,
-            },
-        }
-        torch.save(payload, path)
+        save_detector(self, path)
 
     @classmethod
     def load(
@@ -382,51 +358,11 @@ class ConformalDetector:
             DetectorFileError: unsafe, unreadable, other format version or other algorithm.
             scio.serialization.ScoreFileError: a score that does not fit ``net``.
         """
-        import pickle
 
-        from scio.serialization import check_payload, score_from_payload
-
-        source = os.fspath(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            msg = (
-                f"{source!r} is not a safe scio detector file: it holds objects other than "
-                "tensors and plain values, and was not loaded"
-            )
-            raise DetectorFileError(msg) from exc
-        except (RuntimeError, EOFError) as exc:
-            msg = f"{source!r} is not a readable scio detector file ({exc})"
-            raise DetectorFileError(msg) from exc
-        if not isinstance(payload, dict) or payload.get("magic") != _MAGIC:
-            msg = f"{source!r} is not a scio detector file"
-            raise DetectorFileError(msg)
-        if payload.get("format_version") != _FORMAT_VERSION:
-            msg = (
-                f"{source!r} uses detector format version {payload.get('format_version')!r}; "
-                f"this scio reads version {_FORMAT_VERSION}"
-            )
-            raise DetectorFileError(msg)
-        if payload.get("class") != cls.__name__:
-            msg = f"{source!r} holds a {payload.get('class')!r} detector, not a {cls.__name__}"
-            raise DetectorFileError(msg)
-        entries = payload["scores"]
-        nets = [net] * len(entries) if isinstance(net, nn.Module) else list(net)
-        if len(nets) != len(entries):
-            msg = f"`net` must be one network or {len(entries)} networks (got {len(nets)})"
-            raise ValueError(msg)
-        scores = [
-            score_from_payload(
-                check_payload(entry, f"{source}[scores][{i}]"),
-                n,
-                f"{source}[scores][{i}]",
-                classes=classes,
-                **recorder_kwargs,
-            )
-            for i, (entry, n) in enumerate(zip(entries, nets))
-        ]
-        detector = cls(scores, **payload["params"])
-        state = payload["state"]
+        params, scores, state, nets = read_detector(
+            cls.__name__, path, net, classes, recorder_kwargs
+        )
+        detector = cls(scores, **params)
         device = next((p.device for p in nets[0].parameters()), torch.device("cpu"))
         detector._set_state(
             state["holdout_conformities_"].to(device),
