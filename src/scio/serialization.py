@@ -9,11 +9,14 @@ the calibration input shape, and the fitted state.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
 import pickle
+import uuid
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
@@ -174,8 +177,28 @@ def _layer_shapes(rnet: Recorder, input_shape: tuple[int, ...], dtype: torch.dty
 
 
 def save_score(score: BaseScore, path: PathLike) -> None:
-    """Write a fitted ``score`` to ``path`` (see :func:`load_score`)."""
-    torch.save(score_payload(score), path)
+    """Write a fitted ``score`` to ``path`` (see :func:`load_score`).
+
+    The file is written to a temporary file in the same folder, then renamed over ``path``
+    (``os.replace``, atomic on POSIX and Windows): a failure or an interruption mid-write
+    never leaves a damaged file at ``path``, and an existing file there stays intact.
+    """
+    payload = score_payload(score)
+    target = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(target))
+    # a fresh name next to the target (same file system, so the rename is atomic); opened
+    # like any new file, so it gets the usual permissions (umask), unlike ``mkstemp``'s 0600
+    temporary = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def score_payload(score: BaseScore) -> dict[str, Any]:
@@ -185,7 +208,7 @@ def score_payload(score: BaseScore) -> dict[str, Any]:
         raise RuntimeError(msg)
     rnet = score.rnet
     input_shape = tuple(score.__dict__.get("_fit_input_shape", ()))
-    input_dtype = score.__dict__.get("_fit_input_dtype", torch.float32)
+    input_dtype = score.__dict__.get("_fit_input_dtype") or _net_dtype(rnet.net)
     payload = {
         "magic": _MAGIC,
         "format_version": FORMAT_VERSION,
@@ -194,6 +217,7 @@ def score_payload(score: BaseScore) -> dict[str, Any]:
         "layers": [list(layer) for layer in rnet.recording],
         "layer_shapes": _layer_shapes(rnet, input_shape, input_dtype),
         "input_shape": list(input_shape),
+        "input_dtype": str(input_dtype).removeprefix("torch."),
         "n_samples": int(score.__dict__.get("_fit_n_samples", 0)),
         "net_dtype": str(_net_dtype(rnet.net)).removeprefix("torch."),
         "fitted": {name: _encode(getattr(score, name)) for name in score._fitted_attrs},
@@ -208,6 +232,12 @@ def _net_device(net: nn.Module) -> torch.device:
     for buffer in net.buffers():
         return buffer.device
     return torch.device("cpu")
+
+
+def _dtype(name: object, default: torch.dtype) -> torch.dtype:
+    """The torch dtype called ``name`` (``default`` for anything else)."""
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else default
 
 
 def _net_dtype(net: nn.Module) -> torch.dtype:
@@ -238,20 +268,37 @@ def _score_classes() -> dict[str, Any]:
 
 
 def _read(path: PathLike) -> dict[str, Any]:
+    """The checked payload of the score file at ``path``. A missing or unreadable path raises
+    its ``OSError``; anything that is not a valid score file raises :class:`ScoreFileError`
+    with the reason."""
+    source = os.fspath(path)
+    with open(source, "rb") as file:  # OSError (missing file, folder, permissions) as is
+        head = file.read(4)
+    if not head:
+        msg = f"{source!r} is not a scio score file: it is empty (0 bytes)"
+        raise ScoreFileError(msg)
+    if not zipfile.is_zipfile(source):
+        kind = "truncated" if head.startswith(b"PK") else "of another format"
+        msg = (
+            f"{source!r} is not a scio score file: it is not a torch.save archive "
+            f"({kind}; score files are zip archives written by `score.save`)"
+        )
+        raise ScoreFileError(msg)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol notice
+            payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = (
-            f"{os.fspath(path)!r} is not a safe scio score file: it contains objects other "
+            f"{source!r} is not a safe scio score file: it contains objects other "
             "than tensors and plain values, and was not loaded"
         )
         raise ScoreFileError(msg) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        msg = f"{os.fspath(path)!r} is not a readable scio score file ({exc})"
+    except Exception as exc:  # damaged or foreign archives fail in many ways inside torch
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        msg = f"{source!r} is not a readable scio score file ({type(exc).__name__}: {reason})"
         raise ScoreFileError(msg) from exc
-    return check_payload(payload, os.fspath(path))
+    return check_payload(payload, source)
 
 
 def check_payload(payload: Any, source: str) -> dict[str, Any]:
@@ -266,7 +313,23 @@ def check_payload(payload: Any, source: str) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}"
         )
         raise ScoreFileError(msg)
+    for key, kind in _PAYLOAD_TYPES.items():
+        if not isinstance(payload.get(key), kind):
+            got = type(payload[key]).__name__ if key in payload else "nothing"
+            msg = f"{source!r} is a damaged scio score file: `{key}` is {got}"
+            raise ScoreFileError(msg)
     return payload
+
+
+#: The entries every score file holds, with their types (checked before any is used).
+_PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "class": str,
+    "params": dict,
+    "layers": list,
+    "layer_shapes": list,
+    "input_shape": list,
+    "fitted": dict,
+}
 
 
 def load_score(
@@ -324,11 +387,15 @@ def score_from_payload(
         raise ScoreFileError(msg)
     cls = known[name]
     device, dtype = _net_device(net), _net_dtype(net)
-    input_shape = tuple(int(s) for s in payload["input_shape"])
+    try:
+        input_shape = tuple(int(s) for s in payload["input_shape"])
+        layers = [(int(depth), int(idx)) for depth, idx in payload["layers"]]
+    except (TypeError, ValueError) as exc:
+        msg = f"{source!r} is a damaged scio score file: bad input shape or layers ({exc})"
+        raise ScoreFileError(msg) from exc
     if "input_data" not in recorder_kwargs and "input_size" not in recorder_kwargs:
         recorder_kwargs["input_data"] = torch.zeros((1, *input_shape), dtype=dtype, device=device)
     rnet = Recorder(net, **recorder_kwargs)
-    layers = [tuple(layer) for layer in payload["layers"]]
     try:
         rnet.record(*layers)
     except ValueError as exc:
@@ -341,17 +408,29 @@ def score_from_payload(
             f"{payload['layer_shapes']} in the saved score"
         )
         raise ScoreFileError(msg)
-    saved_dtype = getattr(torch, str(payload.get("net_dtype", "float32")), torch.float32)
+    saved_dtype = _dtype(payload.get("net_dtype"), torch.float32)
     target = _Target(device, saved_dtype, dtype)
-    score = cls(**_decode(payload["params"], target))
-    n_samples = int(payload.get("n_samples", 0))
-    if n_samples:
-        score._check_params(n_samples)  # validates and normalises parameters as fit does
-    for attr, value in payload["fitted"].items():
-        setattr(score, attr, _decode(value, target))
+    try:
+        score = cls(**_decode(payload["params"], target))
+        n_samples = int(payload.get("n_samples", 0))
+        if n_samples:
+            score._check_params(n_samples)  # validates and normalises parameters as fit does
+        for attr, value in payload["fitted"].items():
+            setattr(score, attr, _decode(value, target))
+    except ScoreFileError:
+        raise
+    except Exception as exc:  # a forged or damaged file: invalid parameters or state
+        msg = (
+            f"{source!r} is a damaged scio score file: its {name} parameters or fitted state "
+            f"cannot be restored ({type(exc).__name__}: {exc})"
+        )
+        raise ScoreFileError(msg) from exc
+    # floating inputs follow the network's dtype, as the fitted state does; others (e.g.
+    # token ids) keep the calibration's
+    input_dtype = _dtype(payload.get("input_dtype"), saved_dtype)
     score._rnet = rnet
     score._fit_input_shape = input_shape
-    score._fit_input_dtype = dtype
+    score._fit_input_dtype = dtype if input_dtype.is_floating_point else input_dtype
     score._fit_n_samples = n_samples
     score._is_fit = True
     return score

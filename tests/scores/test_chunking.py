@@ -152,9 +152,9 @@ def test_odin_max_batch_param() -> None:
     assert score.is_fit
     assert "max_batch=2" in repr(score)
     with pytest.raises(
-        ValueError, match=r"`max_batch` must be a positive integer or None \(got 0\)"
+        ValueError, match=r"`max_batch` of ODIN must be an integer >= 1 \(or None\) \(got 0\)"
     ):
-        score.max_batch = 0
+        score.max_batch = 0  # checked at assignment (docs/errors.md)
     with pytest.raises(ValueError, match="`max_batch`"):
         ODIN(temperature=1.0, max_batch=-1)
 

@@ -365,10 +365,10 @@ def test_params_checks_and_fit_persistence() -> None:
         score(test)
     score.weights = None
     torch.testing.assert_close(score(test)[1], reference)
-    score.fgm_norm = 0.5  # checked when used
-    score.epsilon = 0.1
-    with pytest.raises(AssertionError):
-        score(test)
+    with pytest.raises(AssertionError, match=r"`fgm_norm` of DeepMahalanobis must be .*>= 1"):
+        score.fgm_norm = 0.5  # checked at assignment (docs/errors.md): the score is unchanged
+    assert score.fgm_norm == 2.0
+    assert score.is_fit
     score.act_norm = 2.0
     assert not score.is_fit
 

@@ -91,10 +91,11 @@ def test_nnguide_bad_params() -> None:
     calib = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     rnet = Recorder(net, input_data=calib[[0]])
     rnet.record((1, 4))
-    with pytest.raises(ValueError, match=r"`bank_fraction` must lie in \(0, 1\] \(got 0\)"):
-        NNGuide(bank_fraction=0).fit(rnet, calib)
-    with pytest.raises(ValueError, match=r"`bank_fraction` must lie in \(0, 1\] \(got 1.5\)"):
-        NNGuide(bank_fraction=1.5).fit(rnet, calib)
+    # checked at construction (docs/errors.md)
+    with pytest.raises(ValueError, match=r"`bank_fraction` of NNGuide .* in \(0, 1\] \(got 0\)"):
+        NNGuide(bank_fraction=0)
+    with pytest.raises(ValueError, match=r"`bank_fraction` of NNGuide .* \(0, 1\] \(got 1.5\)"):
+        NNGuide(bank_fraction=1.5)
     with pytest.raises(ValueError, match=r"`k` must satisfy 0 < k <= n_calib = 10"):
         NNGuide(k=11).fit(rnet, calib)
     with pytest.raises(ValueError, match=r"`k` must satisfy 0 < k <= 5, the guide bank size"):

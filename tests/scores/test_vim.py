@@ -128,8 +128,10 @@ def test_vim_bad_dim() -> None:
         ViM(dim=9).fit(rnet, calib)
     with pytest.raises(ValueError, match=r"`dim` must satisfy 0 < dim < d = 8 .*got dim=8"):
         ViM(dim=8).fit(rnet, calib)
-    with pytest.raises(ValueError, match=r"`dim` must be None or a positive integer \(got 0\)"):
-        ViM(dim=0).fit(rnet, calib)
+    with pytest.raises(
+        ValueError, match=r"`dim` of ViM must be an integer >= 1 \(or None\) \(got 0"
+    ):
+        ViM(dim=0)  # checked at construction (docs/errors.md)
     score = ViM(dim=2).fit(rnet, calib)
     score.set_params(dim=8)
     with pytest.raises(ValueError, match=r"`dim` must satisfy"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -72,6 +73,11 @@ class BaseScoreClassif(BaseScore):
         """
         out, conformity = self(inputs)
         return conformity.gather(1, out.argmax(dim=1, keepdim=True)).squeeze(1)
+
+    def _nan_conformity(self, out: Tensor) -> Tensor:
+        """NaN conformities ``(n, C)`` for samples that got none (non-finite inputs)."""
+        dtype = out.dtype if out.is_floating_point() else torch.get_default_dtype()
+        return torch.full(out.shape, math.nan, dtype=dtype, device=out.device)
 
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, conformity = self.get_conformity(inputs)

@@ -83,12 +83,12 @@ class DICE(HeadMixin, StreamingCalibration, BaseScoreClassif):
         "mask",
     )
 
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "p":
-            _check_p(future_val)
-        elif attr == "readout":
-            check_readout(future_val)
-        super()._on_param_will_be_set(attr, future_val)
+    def _check_param_value(self, name: str, value: Any) -> None:
+        super()._check_param_value(name, value)  # before any is set (atomic `set_params`)
+        if name == "p":
+            _check_p(value)
+        elif name == "readout":
+            check_readout(value)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)

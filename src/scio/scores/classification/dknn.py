@@ -15,7 +15,6 @@ from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.utils import Index, get_aggregator, knn_label_count, make_indexes
 from scio.utils.enums import AggrNameLike, IndexMetricLike
-from scio.utils.misc import check
 
 __all__ = ["DkNN"]
 
@@ -86,7 +85,6 @@ class DkNN(StreamingCalibration, BaseScoreClassif):
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(0 < self.k <= n_calib)
         get_aggregator(self.aggregation)  # unsupported name: the enum's ValueError
         check_bank(self, n_calib)
 

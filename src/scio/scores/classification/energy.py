@@ -9,7 +9,7 @@ from torch import Tensor
 
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import NoCalibration
-from scio.utils.misc import check
+from scio.scores.core.validation import ParamRange, param_ranges
 
 __all__ = ["Energy"]
 
@@ -40,9 +40,9 @@ class Energy(NoCalibration, BaseScoreClassif):
 
     temperature: float = 1.0
 
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        check(0 < self.temperature < math.inf)
+    _param_ranges = param_ranges(
+        temperature=ParamRange.interval(0, math.inf),
+    )
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)

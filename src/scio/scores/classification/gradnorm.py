@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, vmap
 
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import NoCalibration
-from scio.utils.misc import check
+from scio.scores.core.validation import ParamRange, param_ranges
 
 __all__ = ["GradNorm"]
 
@@ -66,9 +66,9 @@ class GradNorm(NoCalibration, BaseScoreClassif):
     grad_norm: float = 1.0
     discard_functional_forward: bool = False
 
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        check(self.temperature > 0)
+    _param_ranges = param_ranges(
+        temperature=ParamRange.interval(0),
+    )
 
     def _grad_params(self) -> dict[str, Tensor]:
         """Recorded learnable parameters (detached), named as in ``rnet.named_parameters``."""

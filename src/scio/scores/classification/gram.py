@@ -10,8 +10,8 @@ from torch import Tensor
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.validation import ParamRange, param_ranges
 from scio.utils.enums import LabelKind, LabelKindLike
-from scio.utils.misc import check
 
 __all__ = ["Gram"]
 
@@ -56,6 +56,8 @@ def gram_statistics(activations: Tensor, max_order: int, *, separate_diagonal: b
         feats = activations.reshape(n, 1, -1).to(dtype)
     ch, m = feats.shape[1], feats.shape[2]
     per_sample_order = max(1, ch * m + ch * ch)  # powers and Gram matrix of one order
+    if torch.compiler.is_exporting():  # one chunk: the batch size stays symbolic
+        return _chunk_statistics(feats, max_order, separate_diagonal)
     sample_chunk = max(1, _MAX_CHUNK_ELEMENTS // per_sample_order)
     chunks = [
         _chunk_statistics(feats[i : i + sample_chunk], max_order, separate_diagonal)
@@ -70,7 +72,10 @@ def gram_statistics(activations: Tensor, max_order: int, *, separate_diagonal: b
 def _chunk_statistics(feats: Tensor, max_order: int, separate_diagonal: bool) -> Tensor:
     """Statistics of ``(n, ch, m)`` features, orders grouped to bound memory."""
     n, ch, m = feats.shape
-    group = max(1, min(max_order, _MAX_CHUNK_ELEMENTS // max(1, n * (ch * m + ch * ch))))
+    if torch.compiler.is_exporting():  # one group: the batch size stays symbolic
+        group = max_order
+    else:
+        group = max(1, min(max_order, _MAX_CHUNK_ELEMENTS // max(1, n * (ch * m + ch * ch))))
     parts = []
     carry: Tensor | None = None  # feats ** (start - 1)
     for start in range(1, max_order + 1, group):
@@ -78,6 +83,11 @@ def _chunk_statistics(feats: Tensor, max_order: int, separate_diagonal: bool) ->
         # F^start, ..., F^stop by cumulative products (cheaper than a general ``pow``)
         if start == stop:
             powers = (feats if carry is None else carry * feats).unsqueeze(0)
+        elif torch.compiler.is_exporting():  # the same products, without cumprod (not in ONNX)
+            steps = [feats if carry is None else carry * feats]
+            for _ in range(stop - start):
+                steps.append(steps[-1] * feats)
+            powers = torch.stack(steps)
         else:
             powers = feats.unsqueeze(0).expand(stop - start + 1, -1, -1, -1).cumprod(dim=0)
             if carry is not None:
@@ -116,6 +126,8 @@ def _deviations(stats: Tensor, lows: Tensor, highs: Tensor) -> Tensor:
     n, d = stats.shape
     n_classes = lows.shape[0]
     chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, n_classes * d))
+    if torch.compiler.is_exporting():  # one chunk: the batch size stays symbolic
+        return _deviation_terms(stats[:, None, :], lows, highs).sum(dim=-1)
     out = [
         _deviation_terms(stats[i : i + chunk, None, :], lows, highs).sum(dim=-1)
         for i in range(0, n, chunk)
@@ -211,10 +223,10 @@ class Gram(StreamingCalibration, BaseScoreClassif):
 
     _fitted_attrs = ("lows", "highs", "expected_deviations")
 
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        check(0 < self.cut_off < 0.5)
-        check(self.max_gram_order >= 1)
+    _param_ranges = param_ranges(
+        max_gram_order=ParamRange.interval(1, low_open=False, integer=True),
+        cut_off=ParamRange.interval(0, 0.5),
+    )
 
     def _stats(self, activations: tuple[Tensor, ...]) -> list[Tensor]:
         return [

@@ -9,7 +9,7 @@ from torch import Tensor
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
-from scio.utils.misc import check
+from scio.scores.core.validation import ParamRange, param_ranges
 
 __all__ = ["IsoMax"]
 
@@ -61,10 +61,10 @@ class IsoMax(StreamingCalibration, BaseScoreClassif):
 
     _fitted_attrs = ("prototypes",)
 
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        check(self.lr > 0)
-        check(self.n_steps >= 0)
+    _param_ranges = param_ranges(
+        lr=ParamRange.interval(0),
+        n_steps=ParamRange.interval(0, low_open=False, integer=True),
+    )
 
     @property
     def _calib_needs_grad(self) -> bool:

@@ -13,6 +13,7 @@ from torch import Tensor
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.validation import ParamError, ParamRange, param_ranges
 from scio.scores.utils import (
     Index,
     ak_lpe,
@@ -32,7 +33,6 @@ from scio.utils.enums import (
     MultinomialTestMode,
     MultinomialTestModeLike,
 )
-from scio.utils.misc import check
 
 __all__ = ["JTLA", "JTLATestMultinomial"]
 
@@ -144,8 +144,11 @@ def multinomial_tests(obs: Tensor, params: Tensor, mode: MultinomialTestMode) ->
     else:
         msg = f"Unsupported mode: {mode!r}"
         raise ValueError(msg)
-    parts = [stat(obs[i : i + chunk]) for i in range(0, len(obs), chunk)]
-    values = torch.cat(parts, dim=1) if parts else obs.new_zeros((n_classes, 0))
+    if torch.compiler.is_exporting():  # one chunk: the batch size stays symbolic
+        values = stat(obs)
+    else:
+        parts = [stat(obs[i : i + chunk]) for i in range(0, len(obs), chunk)]
+        values = torch.cat(parts, dim=1) if parts else obs.new_zeros((n_classes, 0))
     return values.masked_fill(values.isnan() | (values == math.inf), math.inf)
 
 
@@ -186,7 +189,10 @@ def subset_pvalues(
         used = sorted({layer for joint in joints for layer in joint})
         chunk = max(1, _MAX_COMPARE_ELEMENTS // max(1, n_classes * n * len(used)))
         parts: dict[tuple[int, ...], list[Tensor]] = {s: [] for s in joints}
-        for start in range(0, nq, chunk):
+        starts: range | list[int] = range(0, nq, chunk)
+        if torch.compiler.is_exporting():  # one chunk: the batch size stays symbolic
+            starts, chunk = [0], nq
+        for start in starts:
             q = query[:, start : start + chunk]
             # ge[l]: (C, chunk, n), calibration value >= query value at layer l
             ge = {l: calib[:, l].unsqueeze(1) >= q[:, :, l].unsqueeze(2) for l in used}
@@ -200,6 +206,18 @@ def subset_pvalues(
     if not subsets:
         return query.new_zeros((n_classes, nq, 0), dtype=torch.float64)
     return torch.stack([results[s] for s in subsets], dim=-1)
+
+
+def _valid_test(test: Any) -> bool:
+    """Whether ``test`` is a multinomial test with a positive integer ``k`` (``mode`` is
+    checked by its enum at fit)."""
+    k = test.get("k")
+    return (
+        test.get("type", "multinomial") == "multinomial"
+        and isinstance(k, int)
+        and not isinstance(k, bool)
+        and k > 0
+    )
 
 
 class JTLA(StreamingCalibration, BaseScoreClassif):
@@ -280,11 +298,22 @@ class JTLA(StreamingCalibration, BaseScoreClassif):
             return
         super()._on_param_will_be_set(attr, future_val)
 
+    _param_ranges = param_ranges(
+        test=ParamRange(
+            _valid_test,
+            "a mapping with 'type': 'multinomial', a 'mode' and a positive integer 'k'",
+        )
+    )
+
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         test = self.test
-        check(test.get("type", "multinomial") == "multinomial")
-        check(0 < test["k"] <= n_calib)
+        if test["k"] > n_calib:
+            msg = (
+                f"Parameter `test` of JTLA: its 'k' must satisfy 0 < k <= n_calib = {n_calib} "
+                f"calibration samples (got k={test['k']})"
+            )
+            raise ParamError(msg)
         MultinomialTestMode(test["mode"])
         if not isinstance(test, MappingProxyType):
             self.test = MappingProxyType(dict(test))  # type: ignore[assignment]
@@ -451,7 +480,7 @@ class JTLA(StreamingCalibration, BaseScoreClassif):
             raise RuntimeError(msg)
         k = int(self.test["k"])
         counts = [
-            knn_label_count(index, self.labels, self.n_classes, k, f.reshape(len(f), -1))
+            knn_label_count(index, self.labels, self.n_classes, k, f.reshape(f.shape[0], -1))
             for index, f in zip(self.indexes, features)
         ]
         pred: _Condition = "pred" if self.pred_conditional else "true"

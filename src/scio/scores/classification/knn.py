@@ -13,7 +13,6 @@ from scio.scores.core.base import ParamError, StreamingCalibration
 from scio.scores.core.calibration import CalibBatch
 from scio.scores.utils import Index, make_indexes
 from scio.utils.enums import IndexMetric, IndexMetricLike
-from scio.utils.misc import check
 
 __all__ = ["KNN", "check_bank"]
 
@@ -75,7 +74,6 @@ class KNN(StreamingCalibration, BaseScoreClassif):
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(0 < self.k <= n_calib)
         check_bank(self, n_calib)
 
     def _calib_update(self, batch: CalibBatch) -> None:

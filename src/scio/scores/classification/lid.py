@@ -15,7 +15,6 @@ from scio.scores.classification.knn import check_bank
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch
 from scio.scores.utils import Index, make_indexes
-from scio.utils.misc import check
 
 __all__ = ["LID"]
 
@@ -64,7 +63,6 @@ class LID(StreamingCalibration, BaseScoreClassif):
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(0 < self.k <= n_calib)
         check_bank(self, n_calib)
 
     def _calib_update(self, batch: CalibBatch) -> None:

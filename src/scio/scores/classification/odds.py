@@ -13,8 +13,8 @@ from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.core.input_grad import check_max_batch
+from scio.scores.core.validation import ParamRange, param_ranges
 from scio.utils.enums import ZAggr, ZAggrLike
-from scio.utils.misc import check
 
 __all__ = ["Odds"]
 
@@ -141,9 +141,13 @@ class Odds(StreamingCalibration, BaseScoreClassif):
     _fitted_attrs = ("avg", "var", "rng_state", "rng_device")
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
 
+    _param_ranges = param_ranges(
+        epsilon=ParamRange(math.isfinite, "a finite number"),
+        noise_samples=ParamRange.interval(0, integer=True),
+    )
+
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(self.noise_samples > 0)
         ZAggr(self.z_aggregation)
         check_max_batch(self.max_batch)
 

@@ -16,8 +16,8 @@ from scio.scores.core.input_grad import (
     check_max_batch,
     frozen_parameters,
 )
+from scio.scores.core.validation import ParamRange, param_ranges
 from scio.scores.utils import batched_grad, fgm_direction
-from scio.utils.misc import check
 
 __all__ = ["ODIN"]
 
@@ -72,11 +72,14 @@ class ODIN(NoCalibration, BaseScoreClassif):
     max_batch: int | None = DEFAULT_MAX_BATCH
 
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _param_ranges = param_ranges(
+        temperature=ParamRange.interval(0),
+        epsilon=ParamRange(math.isfinite, "a finite number"),
+        fgm_norm=ParamRange.interval(1, low_open=False),
+    )
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(self.temperature > 0)
-        check(self.fgm_norm >= 1)
         check_max_batch(self.max_batch)
 
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:

@@ -15,8 +15,8 @@ from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch
 from scio.scores.core.shaping import check_readout, readout
+from scio.scores.core.validation import ParamError, ParamRange, param_ranges
 from scio.scores.utils import torch_quantile
-from scio.utils.misc import check
 
 __all__ = ["ReAct"]
 
@@ -102,10 +102,16 @@ class ReAct(StreamingCalibration, BaseScoreClassif):
     _extension_params = frozenset({"readout"})
 
     _fitted_attrs = ("clip_low", "clip_high")
+    _param_ranges = param_ranges(percentile=ParamRange.interval(0, 100, high_open=False))
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(0.5 * self.symmetric < self.percentile / 100 <= 1)
+        if self.symmetric and not self.percentile > 50:
+            msg = (
+                f"Parameter `percentile` of ReAct must be > 50 with `symmetric=True` "
+                f"(got {self.percentile!r})"
+            )
+            raise ParamError(msg)
         check_readout(self.readout)
 
     def _calib_update(self, batch: CalibBatch) -> None:

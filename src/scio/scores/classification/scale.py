@@ -62,12 +62,12 @@ class SCALE(HeadMixin, NoCalibration, BaseScoreClassif):
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = HeadMixin._head_fitted_attrs
 
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "percentile":
-            check_percentile(future_val)
-        elif attr == "readout":
-            check_readout(future_val)
-        super()._on_param_will_be_set(attr, future_val)
+    def _check_param_value(self, name: str, value: Any) -> None:
+        super()._check_param_value(name, value)  # before any is set (atomic `set_params`)
+        if name == "percentile":
+            check_percentile(value)
+        elif name == "readout":
+            check_readout(value)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)

@@ -20,8 +20,8 @@ from scio.index.index import IndexBackend
 from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
+from scio.scores.core.validation import ParamRange, param_ranges
 from scio.scores.utils import make_indexes
-from scio.utils.misc import check
 
 __all__ = ["Trust"]
 
@@ -78,10 +78,12 @@ class Trust(StreamingCalibration, BaseScoreClassif):
     #: Bound on the number of query x kept-point distances computed at once.
     _block_elements: ClassVar[int] = 2**24
 
+    _param_ranges = param_ranges(
+        alpha=ParamRange.interval(0, 1, low_open=False),
+    )
+
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        check(0 <= self.alpha < 1)
-        check(0 < self.k <= n_calib)
         check_bank_params(self.bank_fraction, self.bank_dtype, self.index_backend)
 
     def _calib_update(self, batch: CalibBatch) -> None:
@@ -121,12 +123,18 @@ class Trust(StreamingCalibration, BaseScoreClassif):
         """Squared distance from each query to the nearest kept feature of each class."""
         refs = as_dense(self.kept_features).to(query.dtype)
         ref_sq = refs.square().sum(1)
-        result = query.new_full((len(query), self.n_classes), math.inf)
+        n = query.shape[0]
+        result = query.new_full((n, self.n_classes), math.inf)
         step = max(1, self._block_elements // max(len(refs), 1))
-        for start in range(0, len(query), step):  # bounded-memory blocks of queries
+        starts: range | list[int]
+        if torch.compiler.is_exporting():  # one block: the batch size stays symbolic
+            step, starts = n, [0]
+        else:
+            starts = range(0, n, step)  # bounded-memory blocks of queries
+        for start in starts:
             block = query[start : start + step]
             d2 = (block.square().sum(1, keepdim=True) - 2 * block @ refs.T + ref_sq).clamp_min(0)
-            index = self.kept_labels.expand(len(block), -1)
+            index = self.kept_labels.expand(block.shape[0], -1)
             result[start : start + step].scatter_reduce_(1, index, d2, reduce="amin")
         return result
 

@@ -13,6 +13,7 @@ from scio.scores.classification.base import BaseScoreClassif
 from scio.scores.core.base import StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, CalibState
 from scio.scores.core.head import HeadMixin
+from scio.scores.core.validation import ParamRange, param_ranges
 
 __all__ = ["ViM", "vim_conformity", "vim_default_dim", "vim_origin", "vim_residual_basis"]
 
@@ -69,7 +70,7 @@ def vim_conformity(
     logsumexp(z) - logsumexp([z, v])`` (same ranking, stable, ``≤ 0``).
     """
     dtype = _compute_dtype(features.dtype)
-    x = features.reshape(len(features), -1).to(dtype)
+    x = features.reshape(features.shape[0], -1).to(dtype)
     z = logits.to(dtype)
     residual = ((x - origin.to(x)) @ basis.to(x)).norm(dim=1)
     virtual = (alpha * residual).unsqueeze(1)
@@ -149,12 +150,9 @@ class ViM(HeadMixin, StreamingCalibration, BaseScoreClassif):
         "eigenvalues",
     )
 
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        dim = self.dim
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            msg = f"`dim` must be None or a positive integer (got {dim!r})"
-            raise ValueError(msg)
+    _param_ranges = param_ranges(
+        dim=ParamRange.interval(1, low_open=False, integer=True, optional=True)
+    )
 
     def _calib_update(self, batch: CalibBatch) -> None:
         raw = self.head_features(batch)

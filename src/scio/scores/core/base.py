@@ -17,19 +17,41 @@ import math
 import os
 import threading
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from scio.scores.core.calibration import CalibBatch, CalibState, as_batches, concat_labels
-from scio.scores.core.session import FitSession
-from scio.scores.core.validation import check_device, check_inputs, eval_mode
+from scio.scores.core.calibration import (
+    CalibBatch,
+    CalibStream,
+    NoCalibration,
+    StreamingCalibration,
+    as_batches,
+    check_nonfinite_policy,
+    concat_labels,
+    example_batch,
+)
+from scio.scores.core.session import FitSession, explain_forward_error
+from scio.scores.core.validation import (
+    COMMON_PARAM_RANGES,
+    ParamError,
+    ParamRange,
+    check_device,
+    check_input_dtype,
+    check_inputs,
+    check_param_range,
+    check_recorder,
+    eval_mode,
+    merge_rows,
+    nonfinite_rows,
+    range_of,
+)
 from scio.scores.utils import normalize_samples
 from scio.serialization import register_score, save_score
-from scio.utils.misc import ScoreTimer, check
+from scio.utils.misc import ScoreTimer, check_not_abstract
 from scio.utils.params import MISSING, ParamClass
 
 if TYPE_CHECKING:
@@ -50,11 +72,6 @@ def _same_value(a: object, b: object) -> bool:
 _TIMER_LOCK = threading.Lock()
 
 
-class ParamError(AssertionError, ValueError):
-    """An invalid hyper-parameter (an ``AssertionError`` as in the reference, and a
-    ``ValueError`` with a message naming it)."""
-
-
 class BaseScore(ParamClass):
     """Base class of every confidence score (higher conformity = more in-distribution).
 
@@ -70,10 +87,22 @@ class BaseScore(ParamClass):
     #: or tuples/lists/dicts of those.
     _fitted_attrs: ClassVar[tuple[str, ...]] = ()
 
+    #: Valid range of each hyper-parameter, checked at construction, at every assignment
+    #: (``set_params`` included, before any is set) and at ``fit``, with a :class:`ParamError`
+    #: naming the parameter, its value and the range. Subclasses add theirs (merged along
+    #: the MRO); parameters shared by many scores are listed here once. Constraints between
+    #: parameters or on the number of calibration samples stay in ``_check_params``.
+    _merged_ranges: ClassVar[dict[str, ParamRange] | None] = None
+    _param_ranges: ClassVar[Mapping[str, ParamRange]] = COMMON_PARAM_RANGES
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__module__.startswith("scio."):  # the built-in scores load by name
             register_score(cls)
+
+    def __new__(cls, *_post_init: Any, **_params: Any) -> BaseScore:
+        check_not_abstract(cls)  # the same message on every Python version
+        return super().__new__(cls)
 
     def __init__(self, *post_init: Any, **params: Any) -> None:
         # positional arguments go to ``__post_init__``, as with the reference's paramclasses
@@ -95,13 +124,22 @@ class BaseScore(ParamClass):
         if missing:
             msg = f"Missing parameters for {type(self).__qualname__} score: {missing}"
             raise RuntimeError(msg)
-        if self.act_norm is not None:
-            check(self.act_norm != 0)
-            check(not math.isnan(self.act_norm))
+        for name, value in self.params.items():
+            check_param_range(self, name, value, type(self)._range_of(name))
         k = self.params.get("k")
         if isinstance(k, int) and not 0 < k <= n_calib:
             msg = f"`k` must satisfy 0 < k <= n_calib = {n_calib} calibration samples (got k={k})"
             raise ParamError(msg)
+
+    @classmethod
+    def _range_of(cls, name: str) -> ParamRange | None:
+        """The valid range of parameter ``name`` (``None``: not checked)."""
+        return range_of(cls, name)
+
+    def _check_param_value(self, name: str, value: Any) -> None:
+        super()._check_param_value(name, value)  # the annotation (TypeError)
+        if value is not MISSING:
+            check_param_range(self, name, value, type(self)._range_of(name))
 
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         if not _same_value(self.params.get(attr, MISSING), future_val):
@@ -148,7 +186,13 @@ class BaseScore(ParamClass):
             raise AttributeError(msg) from None
 
     def fit(
-        self, rnet: Recorder, calib_data: Any, calib_labels: Any = None, *, distributed: Any = False
+        self,
+        rnet: Recorder,
+        calib_data: Any,
+        calib_labels: Any = None,
+        *,
+        distributed: Any = False,
+        nonfinite: str = "drop",
     ) -> BaseScore:
         """Calibrate the score on in-distribution data and return it.
 
@@ -162,34 +206,81 @@ class BaseScore(ParamClass):
                 group: ``calib_data`` is this rank's shard and the calibration states of
                 every rank are merged, so all ranks get the score fit on the rank-ordered
                 union (see :mod:`scio.scores.core.distributed`). Every rank must call ``fit``.
+            nonfinite: what to do with calibration samples holding NaN or ±inf: ``"drop"``
+                (default: they are left out with their labels, and one warning says how
+                many) or ``"raise"`` (``ValueError``). Either way they never reach the
+                fitted state.
+
+        Raises:
+            ValueError, TypeError, ParamError: see ``docs/errors.md``. A ``fit`` that raises
+                leaves the score as it was (unfit, or with its previous fitted state).
         """
         from scio.scores.core.distributed import resolve_group
 
+        check_nonfinite_policy(nonfinite)
         group = resolve_group(distributed)
         if (
             isinstance(self, NoCalibration)
             and group is None
             and not hasattr(self, "_calib_prepare")
-        ):
-            return self._fit_without_data(rnet, calib_data)  # nothing to learn nor bind
-        _check_recorder(rnet, self)
+        ):  # nothing to learn nor bind
+            return self._fit_without_data(rnet, calib_data, calib_labels, nonfinite)
+        if group is None and _is_placeholder(rnet) and not isinstance(self, StreamingCalibration):
+            return self._fit_reference(rnet, calib_data, calib_labels)
+        check_recorder(rnet, type(self).__name__)
         batches, n_known = as_batches(calib_data, calib_labels)
-        stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in batches)
-        return self._fit_stream(rnet, stream, n_known, group=group)
+        checked = CalibStream(batches, nonfinite, single=isinstance(calib_data, Tensor))
+        stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in checked)
+        return self._fit_stream(rnet, stream, n_known, group=group, checked=checked)
 
-    def _fit_without_data(self, rnet: Any, calib_data: Any) -> BaseScore:
+    def _fit_without_data(
+        self, rnet: Any, calib_data: Any, calib_labels: Any = None, nonfinite: str = "drop"
+    ) -> BaseScore:
         """Fit a score with nothing to learn: as the reference, ``rnet`` is stored without
         inspection and any ``calib_data`` / labels are accepted (a tensor still sets the input
-        shape checked at inference and saved with the score)."""
+        shape and dtype checked at inference and saved with the score, and goes through the
+        label-count and non-finite checks of every fit)."""
         start = perf_counter()
-        example, n = _example_batch(calib_data)
+        example, n = example_batch(calib_data)
+        if isinstance(calib_data, Tensor):
+            checked = CalibStream([(calib_data, calib_labels)], nonfinite, single=True)
+            for _ in checked:  # checks the labels' count, drops or refuses non-finite rows
+                pass
+            checked.warn(stacklevel=3)
+            n -= checked.dropped
         self._check_params(n)
         self.unfit()
         self._rnet = rnet
         self._fit_input_shape = tuple(example.shape[1:]) if example is not None else None
-        self._fit_input_dtype = example.dtype if example is not None else torch.float32
+        # the inputs' dtype is checked at inference, unless the data were floating inputs
+        # of another dtype than the network's (accepted, as in the reference): then the
+        # inputs must only have the network's
+        dtype = None if example is None else example.dtype
+        first = getattr(rnet, "__dict__", {}).get("_first_param")
+        if dtype is not None and dtype.is_floating_point and getattr(first, "dtype", None) != dtype:
+            dtype = None
+        self._fit_input_dtype = dtype
         self._fit_n_samples = n
         self.timer.add("calibration", n, perf_counter() - start)
+        self._is_fit = True
+        return self
+
+    def _fit_reference(self, rnet: Any, calib_data: Any, calib_labels: Any) -> BaseScore:
+        """The reference's ``fit`` for a score written against its contract (``calibrate`` /
+        ``get_conformity``) given something else than a Recorder or a network, e.g. a
+        placeholder ``...`` for a score that never runs one: ``rnet`` is bound as it is and
+        ``calibrate(calib_data, calib_labels)`` runs once, timed. The network is used only
+        where the score's own code uses it."""
+        n = len(calib_data)
+        self._check_params(n)
+        self.unfit()
+        self._rnet = rnet
+        with self.timer("calibration", n_samples=n):
+            self.calibrate(calib_data, calib_labels)
+        example, _ = example_batch(calib_data)
+        self._fit_input_shape = tuple(example.shape[1:]) if example is not None else None
+        self._fit_input_dtype = None
+        self._fit_n_samples = n
         self._is_fit = True
         return self
 
@@ -200,8 +291,11 @@ class BaseScore(ParamClass):
         n_known: int | None,
         *,
         group: Any = None,
+        checked: CalibStream | None = None,
     ) -> BaseScore:
-        """Run calibration on a stream of batches."""
+        """Run calibration on a stream of batches (``checked``: the stream that filtered
+        them, whose count of dropped samples is reported once it is consumed). If anything
+        raises, the score is restored as it was before (:meth:`FitSession.rollback`)."""
         session = FitSession(self, rnet, n_known, group=group)
         try:
             for batch in batches:
@@ -209,6 +303,8 @@ class BaseScore(ParamClass):
         except Exception as exc:
             session.abort(exc)
             raise
+        if checked is not None:
+            checked.warn(stacklevel=3)
         session.finish()
         return self
 
@@ -239,20 +335,59 @@ class BaseScore(ParamClass):
             raise RuntimeError(msg)
         check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs")
         rnet = self.rnet
+        if _is_placeholder(rnet):  # no network to check against (see `_fit_reference`)
+            return
         first = rnet.__dict__.get("_first_param")  # cached: the check is on every call
         if first is None or first.device != inputs.device:
             check_device(inputs, rnet.net, name="inputs")
+        check_input_dtype(inputs, self.__dict__.get("_fit_input_dtype"), first, name="inputs")
 
     def _infer(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference on checked inputs, without timing (see :meth:`__call__`)."""
-        grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
+        """Inference on checked inputs, without timing (see :meth:`__call__`).
+
+        Samples holding a NaN or an infinite value never reach the score: it runs on the
+        finite samples alone, so their results are exactly those of the batch without the
+        others (whatever the method: input gradients, batch statistics, ...); the others
+        get their own network output (one forward of just those rows) and a NaN conformity.
+        """
+        if self._inference_needs_grad and torch.is_inference_mode_enabled():
+            # the caller's inference mode forbids autograd: leave it locally, and give the
+            # score an ordinary copy of the inputs (inference tensors cannot take gradients)
+            with torch.inference_mode(False):
+                return self._infer(inputs.clone())
         rnet = self.rnet
-        modules = rnet.__dict__.get("_modules_seen", ())
-        if modules and not any(module.training for module in modules):
-            with grad:  # fast path: every module the network calls is in eval mode
+        if _is_placeholder(rnet):  # the score's own code only (see `_fit_reference`)
+            with torch.enable_grad() if self._inference_needs_grad else torch.no_grad():
                 return self._process(inputs)
-        with grad, eval_mode(rnet.net):
-            return self._process(inputs)
+        bad = nonfinite_rows(inputs)
+        modules = rnet.__dict__.get("_modules_seen", ())
+        try:
+            if modules and not any(module.training for module in modules):
+                return self._infer_rows(inputs, bad)  # every module called is in eval mode
+            with eval_mode(rnet.net):
+                return self._infer_rows(inputs, bad)
+        except RuntimeError as exc:  # e.g. integer inputs to a floating network
+            explain_forward_error(exc, inputs, rnet, name="inputs")
+            raise
+
+    def _infer_rows(self, inputs: Tensor, bad: Tensor | None) -> tuple[Tensor, Tensor]:
+        grad = torch.enable_grad() if self._inference_needs_grad else torch.no_grad()
+        if bad is None:
+            with grad:
+                return self._process(inputs)
+        with torch.no_grad():
+            out_bad = self.rnet(inputs[bad], dont_record=True)
+        good = None
+        if not bool(bad.all()):
+            with grad:
+                good = self._process(inputs[~bad])
+        return merge_rows(bad, out_bad, good, self._nan_conformity)
+
+    def _nan_conformity(self, out: Tensor) -> Tensor:
+        """The conformity of samples that got none (non-finite inputs): NaN, one per sample
+        (classification scores: one per class)."""
+        dtype = out.dtype if out.is_floating_point() else torch.get_default_dtype()
+        return torch.full((len(out),), math.nan, dtype=dtype, device=out.device)
 
     def _process(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         return self.get_conformity(inputs)
@@ -270,7 +405,7 @@ class BaseScore(ParamClass):
             )
             raise ValueError(msg)
         if concatenate:
-            activations = (torch.cat([a.reshape(len(a), -1) for a in activations], dim=1),)
+            activations = (torch.cat([a.reshape(a.shape[0], -1) for a in activations], dim=1),)
         return tuple(normalize_samples(a, ord=self.act_norm) for a in activations)
 
     def activations(self, *, concatenate: bool = False) -> tuple[Tensor, ...]:
@@ -301,79 +436,8 @@ class BaseScore(ParamClass):
         return f"{type(self).__name__}[{status}]({self._params_repr(only_non_default=False)})"
 
 
-class StreamingCalibration:
-    """Mixin for scores calibrated batch by batch (list it before the score base class).
-
-    Subclasses implement ``_calib_update(batch)`` (store what the score needs in
-    ``self._state``, a :class:`~scio.scores.core.calibration.CalibState`) and ``_calib_end()``
-    (compute the fitted state from it). ``calibrate(data, labels)`` then simply runs the
-    stream with a single batch.
-    """
-
-    _state: CalibState
-
-    def calibrate(self, calib_data: Tensor, calib_labels: Any) -> None:
-        """Calibrate from one tensor (``fit`` streams batches directly)."""
-        score: Any = self
-        score._calib_start()
-        prepare = getattr(score, "_calib_prepare", None)
-        if prepare is not None:
-            prepare(score.rnet, calib_data)
-        score._calib_update(CalibBatch(calib_data, calib_labels, score.rnet))
-        score._calib_end()
-
-    def _calib_start(self) -> None:
-        self._state = CalibState()
-
-    def _calib_update(self, batch: CalibBatch) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _calib_end(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-def _example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
-    """A batch of ``calib_data`` (its first, for a stream) and the number of samples when
-    known; ``(None, 0)`` for anything else (e.g. ``[]``)."""
-    if isinstance(calib_data, Tensor):
-        return (calib_data, len(calib_data)) if calib_data.ndim and len(calib_data) else (None, 0)
-    if not isinstance(calib_data, Iterable) or isinstance(calib_data, str | bytes):
-        return None, 0
-    first = next(iter(calib_data), None)
-    if isinstance(first, tuple | list) and first:
-        first = first[0]
-    if not isinstance(first, Tensor) or not first.ndim:
-        return None, 0
-    dataset = getattr(calib_data, "dataset", calib_data)
-    try:
-        n = len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        n = len(first)
-    return first, n
-
-
-def _check_recorder(rnet: Any, score: BaseScore) -> None:
-    """One sentence saying what to do when ``rnet`` is not a :class:`Recorder`."""
-    from scio.recorder import Recorder
-
-    if isinstance(rnet, Recorder):
-        return
-    plain = isinstance(rnet, torch.nn.Module)
-    what = f"a plain nn.Module, {type(rnet).__name__}" if plain else type(rnet).__name__
-    msg = (
-        f"`rnet` must be a scio Recorder (got {what}): wrap your network with "
-        f"`rnet = Recorder(net, input_data=calib_data[:1])`, record the layers "
-        f"{type(score).__name__} uses with `rnet.record(...)`, then call `fit(rnet, ...)`"
-    )
-    raise TypeError(msg)
-
-
-class NoCalibration(StreamingCalibration):
-    """Mixin for scores with nothing to learn (logit-based scores): calibration reads no
-    batch, so it runs no forward pass."""
-
-    def _calib_update(self, batch: CalibBatch) -> None:
-        """Nothing to learn."""
-
-    def _calib_end(self) -> None:
-        """Nothing to learn."""
+def _is_placeholder(rnet: object) -> bool:
+    """Whether ``rnet`` is neither a Recorder nor a network (e.g. ``...``): scores written
+    against the reference contract accept it, as the reference does. (A Recorder is an
+    ``nn.Module``: one ``isinstance`` on every call.)"""
+    return not isinstance(rnet, torch.nn.Module)

@@ -8,19 +8,35 @@ activations of the score's layers; the score keeps only what it needs in a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from scio.scores.core.validation import nonfinite_rows
 from scio.utils.state import CalibState
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
 
-__all__ = ["CalibBatch", "CalibState", "as_batches", "validate_labels"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "CalibBatch",
+    "CalibState",
+    "CalibStream",
+    "NoCalibration",
+    "StreamingCalibration",
+    "as_batches",
+    "check_nonfinite_policy",
+    "example_batch",
+    "validate_labels",
+]
+
+#: What ``fit(..., nonfinite=...)`` does with calibration samples holding NaN or ±inf.
+NONFINITE_POLICIES = ("drop", "raise")
 
 
 class CalibBatch:
@@ -181,6 +197,26 @@ def as_batches(
     return batches(), _dataset_len(calib_data)
 
 
+def example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
+    """A batch of ``calib_data`` (its first, for a stream) and the number of samples when
+    known; ``(None, 0)`` for anything else (e.g. ``[]``)."""
+    if isinstance(calib_data, Tensor):
+        return (calib_data, len(calib_data)) if calib_data.ndim and len(calib_data) else (None, 0)
+    if not isinstance(calib_data, Iterable) or isinstance(calib_data, str | bytes):
+        return None, 0
+    first = next(iter(calib_data), None)
+    if isinstance(first, tuple | list) and first:
+        first = first[0]
+    if not isinstance(first, Tensor) or not first.ndim:
+        return None, 0
+    dataset = getattr(calib_data, "dataset", calib_data)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = len(first)
+    return first, n
+
+
 def concat_labels(labels: list[Any]) -> Any:
     """Concatenate per-batch labels (tensors, sequences or ``None``)."""
     if all(label is None for label in labels):
@@ -188,3 +224,156 @@ def concat_labels(labels: list[Any]) -> Any:
     if all(isinstance(label, Tensor) for label in labels):
         return labels[0] if len(labels) == 1 else torch.cat(labels)
     return list(chain.from_iterable(labels))
+
+
+# -- the checked, filtered stream of one fit ----------------------------------------------------
+def check_nonfinite_policy(nonfinite: object) -> str:
+    """Return ``nonfinite`` if it is one of :data:`NONFINITE_POLICIES`, else raise."""
+    if nonfinite not in NONFINITE_POLICIES:
+        msg = f"`nonfinite` must be one of {list(NONFINITE_POLICIES)} (got {nonfinite!r})"
+        raise ValueError(msg)
+    return str(nonfinite)
+
+
+def _label_count(labels: Any) -> int | None:
+    """The number of per-sample labels in ``labels`` (``None``: not a per-sample object,
+    e.g. ``None`` or ``...``, which only the scores that use labels refuse)."""
+    if isinstance(labels, Tensor):
+        return len(labels) if labels.ndim else None
+    if isinstance(labels, str | bytes | Mapping) or not hasattr(labels, "__len__"):
+        return None
+    shape = getattr(labels, "shape", None)
+    if shape is not None and len(shape) == 0:
+        return None
+    return len(labels)
+
+
+def _take_rows(labels: Any, keep: Tensor) -> Any:
+    """The labels of the kept samples (``labels`` unchanged when not per sample)."""
+    if isinstance(labels, Tensor):
+        return labels[keep.to(labels.device)]
+    if hasattr(labels, "__array__") and hasattr(labels, "shape"):  # numpy and the like
+        return labels[keep.cpu().numpy()]
+    return [label for label, kept in zip(labels, keep.tolist(), strict=True) if kept]
+
+
+class CalibStream:
+    """The ``(inputs, labels)`` batches of one fit, checked and filtered on the way.
+
+    * Labels that are per sample (a tensor, an array or a sequence) must hold one entry per
+      input: another length raises ``ValueError`` for every score, whether it reads labels
+      or not (``None``, ``...`` and other non-sequences pass through untouched).
+    * Samples holding a NaN or an infinite value are dropped with their labels (counted in
+      :attr:`dropped`; see :meth:`warn`), or refused with a ``ValueError`` when
+      ``nonfinite="raise"``. They never reach a forward pass nor the fitted state, so the fit
+      equals a fit on the finite samples alone. A batch left empty is skipped.
+
+    Args:
+        batches: ``(inputs, labels)`` pairs (see :func:`as_batches`).
+        nonfinite: ``"drop"`` or ``"raise"``.
+        single: the batches are one tensor given to ``fit`` (messages name ``calib_labels``
+            and no batch number).
+    """
+
+    def __init__(
+        self, batches: Iterable[tuple[Any, Any]], nonfinite: str = "drop", *, single: bool = False
+    ) -> None:
+        self.nonfinite = check_nonfinite_policy(nonfinite)
+        self._batches = batches
+        self._single = single
+        self.n_seen = 0
+        self.dropped = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for i, (inputs, labels) in enumerate(self._batches):
+            if not isinstance(inputs, Tensor) or inputs.ndim == 0 or not len(inputs):
+                yield inputs, labels  # refused by the fit session's input checks
+                continue
+            where = "" if self._single else f" (calibration batch {i})"
+            n_labels = _label_count(labels)
+            if n_labels is not None and n_labels != len(inputs):
+                shape = tuple(labels.shape) if hasattr(labels, "shape") else f"{n_labels} labels"
+                expected = (
+                    f"({len(inputs)},)"
+                    if getattr(labels, "ndim", 1) <= 1
+                    else (f"({len(inputs)}, ...)")
+                )
+                msg = (
+                    f"`calib_labels` must have shape {expected}, one label per sample "
+                    f"(got {shape}){where}"
+                )
+                raise ValueError(msg)
+            self.n_seen += len(inputs)
+            bad = nonfinite_rows(inputs)
+            if bad is not None:
+                count = int(bad.sum())
+                if self.nonfinite == "raise":
+                    first = int(bad.nonzero()[0, 0])
+                    msg = (
+                        f"`calib_data` holds {count} sample(s) with non-finite values (NaN or "
+                        f"±inf), the first at row {first}{where}; `nonfinite='raise'` refuses "
+                        "them (the default, 'drop', fits on the finite samples with a warning)"
+                    )
+                    raise ValueError(msg)
+                self.dropped += count
+                keep = ~bad
+                inputs = inputs[keep]
+                if n_labels is not None:
+                    labels = _take_rows(labels, keep)
+                if not len(inputs):
+                    continue
+            yield inputs, labels
+
+    def warn(self, *, stacklevel: int = 2) -> None:
+        """One warning saying how many samples were dropped (none: no warning)."""
+        if not self.dropped:
+            return
+        kept = self.n_seen - self.dropped
+        msg = (
+            f"{self.dropped} of the {self.n_seen} calibration samples hold non-finite values "
+            f"(NaN or ±inf) and were dropped: the score is fit on the {kept} others (pass "
+            "`nonfinite='raise'` to refuse them instead)"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=stacklevel + 1)
+
+
+class StreamingCalibration:
+    """Mixin for scores calibrated batch by batch (list it before the score base class).
+
+    Subclasses implement ``_calib_update(batch)`` (store what the score needs in
+    ``self._state``, a :class:`~scio.scores.core.calibration.CalibState`) and ``_calib_end()``
+    (compute the fitted state from it). ``calibrate(data, labels)`` then simply runs the
+    stream with a single batch.
+    """
+
+    _state: CalibState
+
+    def calibrate(self, calib_data: Tensor, calib_labels: Any) -> None:
+        """Calibrate from one tensor (``fit`` streams batches directly)."""
+        score: Any = self
+        score._calib_start()
+        prepare = getattr(score, "_calib_prepare", None)
+        if prepare is not None:
+            prepare(score.rnet, calib_data)
+        score._calib_update(CalibBatch(calib_data, calib_labels, score.rnet))
+        score._calib_end()
+
+    def _calib_start(self) -> None:
+        self._state = CalibState()
+
+    def _calib_update(self, batch: CalibBatch) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _calib_end(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class NoCalibration(StreamingCalibration):
+    """Mixin for scores with nothing to learn (logit-based scores): calibration reads no
+    batch, so it runs no forward pass."""
+
+    def _calib_update(self, batch: CalibBatch) -> None:
+        """Nothing to learn."""
+
+    def _calib_end(self) -> None:
+        """Nothing to learn."""

@@ -72,7 +72,7 @@ class HeadMixin:
         module = self._head_module()
         rnet: Recorder = self.rnet  # type: ignore[attr-defined]
         out = rnet(inputs)
-        return out, rnet._tapped_inputs[module].reshape(len(inputs), -1)
+        return out, rnet._tapped_inputs[module].reshape(out.shape[0], -1)
 
     def head_logits(self, features: Tensor, weight: Tensor | None = None) -> Tensor:
         """``F.linear(features, weight, b)`` with the head's bias (and weight by default)."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from scio.recorder.modes import frozen_parameters
+from scio.scores.core.validation import ParamError
 
 __all__ = ["DEFAULT_MAX_BATCH", "by_chunks", "check_max_batch", "frozen_parameters", "row_chunks"]
 
@@ -26,12 +27,13 @@ DEFAULT_MAX_BATCH = 64
 
 
 def check_max_batch(value: object, name: str = "max_batch") -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive ``int`` (or ``None``)."""
+    """Raise :class:`ParamError` (a ``ValueError``) unless ``value`` is a positive ``int``
+    (or ``None``)."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         msg = f"`{name}` must be a positive integer or None (got {value!r})"
-        raise ValueError(msg)
+        raise ParamError(msg)
 
 
 def row_chunks(n: int, max_batch: int | None) -> Iterator[slice]:

@@ -26,7 +26,7 @@ class FittableScore(Protocol):
     _rnet: Any
     _is_fit: bool
     _fit_input_shape: tuple[int, ...] | None
-    _fit_input_dtype: torch.dtype
+    _fit_input_dtype: torch.dtype | None
     _fit_n_samples: int
     _calib_buffer: list[tuple[torch.Tensor, Any]]
     _state: Any

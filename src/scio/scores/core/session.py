@@ -9,13 +9,19 @@ import torch
 from torch import Tensor
 
 from scio.scores.core.protocol import FittableScore
-from scio.scores.core.validation import check_device, check_dtype, check_inputs, eval_mode
+from scio.scores.core.validation import (
+    InputDtypeError,
+    check_device,
+    check_dtype,
+    check_inputs,
+    eval_mode,
+)
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
     from scio.scores.core.calibration import CalibBatch
 
-__all__ = ["FitSession"]
+__all__ = ["FitSession", "explain_forward_error"]
 
 
 class FitSession:
@@ -23,15 +29,20 @@ class FitSession:
 
     Push-style, so that several scores can consume the batches of one shared forward pass
     (see :func:`scio.scores.fit_jointly`). Time spent outside (e.g. a shared forward) can be
-    charged with :meth:`charge`. If anything fails, the score stays unfit and no duration
-    is stored.
+    charged with :meth:`charge`. If anything fails, the score is restored exactly as it was
+    before the session (:meth:`rollback`: still unfit, or still holding its previous fitted
+    state) and no duration is stored.
     """
 
     def __init__(
         self, score: FittableScore, rnet: Recorder, n_known: int | None, *, group: Any = None
     ) -> None:
         self.group = group  # torch.distributed group to merge over (None: single process)
-        self._attrs_before = set(score.__dict__)
+        self._before = dict(score.__dict__)  # what a failed fit restores
+        self._attrs_before = set(self._before)
+        taps = getattr(rnet, "_taps", None)
+        self._taps_before = None if taps is None else set(taps)
+        self._rnet = rnet
         if group is not None:
             n_known = None  # a shard's size: the global count is known after the merge
         if n_known == 0:
@@ -62,7 +73,11 @@ class FitSession:
         prepare = getattr(self.score, "_calib_prepare", None)
         if prepare is not None:
             start = perf_counter()
-            prepare(self.score.rnet, probe)
+            try:
+                prepare(self.score.rnet, probe)
+            except RuntimeError as exc:  # its probe forward failed
+                explain_forward_error(exc, probe, self.score.rnet)
+                raise
             self.duration += perf_counter() - start
 
     def charge(self, seconds: float) -> None:
@@ -75,9 +90,8 @@ class FitSession:
         check_inputs(batch.inputs, self.input_shape, name="calib_data")
         self.input_shape = tuple(batch.inputs.shape[1:])
         self.input_dtype = batch.inputs.dtype
-        if self.n_samples == 0:
-            check_device(batch.inputs, self.score.rnet.net, name="calib_data")
-            check_dtype(batch.inputs, self.score.rnet.net, name="calib_data")
+        check_device(batch.inputs, self.score.rnet.net, name="calib_data")
+        check_dtype(batch.inputs, self.score.rnet.net, name="calib_data")
         if not self._prepared:
             self.prepare(batch.inputs)
         grad = torch.enable_grad() if self._grad else torch.no_grad()
@@ -85,14 +99,33 @@ class FitSession:
             try:
                 self.score._calib_update(batch)
             except RuntimeError as exc:
-                _explain_shape_mismatch(exc, batch.inputs, self.score.rnet)
+                explain_forward_error(exc, batch.inputs, self.score.rnet)
                 raise
         self.n_samples += len(batch)
         self.duration += perf_counter() - start
 
+    def rollback(self) -> None:
+        """Restore the score exactly as it was before the session (its attributes, fitted
+        state and recorder binding), and remove the input taps the session added to the
+        recorder. Idempotent; called on every failure."""
+        state = self.score.__dict__
+        for key in [key for key in state if key not in self._before]:
+            del state[key]
+        state.update(self._before)
+        taps = getattr(self._rnet, "_taps", None)
+        if taps is None or self._taps_before is None:
+            return
+        added = [module for module in taps if module not in self._taps_before]
+        for module in added:
+            del taps[module]
+        if added:
+            self._rnet._sync_hooks()
+
     def abort(self, exc: BaseException) -> None:
-        """After ``exc`` ended this rank's stream: report it to the other ranks (distributed
-        fits; they raise instead of waiting in the merge). The score stays unfit."""
+        """After ``exc`` ended this rank's stream: restore the score (:meth:`rollback`) and
+        report it to the other ranks (distributed fits; they raise instead of waiting in the
+        merge)."""
+        self.rollback()
         if self.group is None:
             return
         from scio.scores.core.distributed import report_failure
@@ -100,7 +133,15 @@ class FitSession:
         report_failure(self.group, exc)
 
     def finish(self) -> None:
-        """Compute the fitted state, mark the score fit and store the duration."""
+        """Compute the fitted state, mark the score fit and store the duration (on failure,
+        :meth:`rollback` and re-raise)."""
+        try:
+            self._finish()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _finish(self) -> None:
         score = self.score
         start = perf_counter()
         n_total = self.n_samples
@@ -125,7 +166,29 @@ class FitSession:
         score._is_fit = True
 
 
-def _explain_shape_mismatch(exc: RuntimeError, inputs: Tensor, rnet: Any) -> None:
+def explain_forward_error(
+    exc: RuntimeError, inputs: Tensor, rnet: Any, *, name: str = "calib_data"
+) -> None:
+    """If a forward failed on samples of another shape than the Recorder was built with, or
+    on integer inputs to a floating network, raise an error that says so and names the
+    argument (chained to the original one); else return."""
+    _explain_shape_mismatch(exc, inputs, rnet, name)
+    net = getattr(rnet, "net", None)
+    if inputs.is_floating_point() or inputs.is_complex() or not isinstance(net, torch.nn.Module):
+        return
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return
+    kind = str(dtype).removeprefix("torch.")
+    msg = (
+        f"The forward pass failed on `{name}` of dtype "
+        f"{str(inputs.dtype).removeprefix('torch.')} ({exc}); the network computes in {kind}: "
+        f"unless it takes integer inputs, convert them with `{name}.to(torch.{kind})`"
+    )
+    raise InputDtypeError(msg) from exc
+
+
+def _explain_shape_mismatch(exc: RuntimeError, inputs: Tensor, rnet: Any, name: str) -> None:
     """If a forward failed on samples of another shape than the Recorder was built with,
     raise an error that says so (chained to the original one)."""
     summary = getattr(rnet, "summary", None)
@@ -138,8 +201,8 @@ def _explain_shape_mismatch(exc: RuntimeError, inputs: Tensor, rnet: Any) -> Non
     if expected == got:
         return
     msg = (
-        f"The forward pass failed on `calib_data` samples of shape {got}, but the Recorder was "
+        f"The forward pass failed on `{name}` samples of shape {got}, but the Recorder was "
         f"built for samples of shape {expected}: build it with "
-        "`Recorder(net, input_data=calib_data[:1])`"
+        f"`Recorder(net, input_data={name}[:1])`"
     )
     raise RuntimeError(msg) from exc

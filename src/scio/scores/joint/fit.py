@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from scio.recorder import DepthIdx, Recorder
 from scio.scores.core.base import BaseScore, FitSession
-from scio.scores.core.calibration import CalibBatch, as_batches
+from scio.scores.core.calibration import CalibBatch, CalibStream, as_batches
 from scio.scores.core.distributed import example_input, report_failure, resolve_group
+from scio.scores.core.session import explain_forward_error
 from scio.scores.core.validation import eval_mode
 from scio.scores.joint.inference import JointInference, infer_jointly
 
@@ -47,6 +48,7 @@ def fit_jointly(
     batch_size: int | None = None,
     on_batch: _Progress | None = None,
     distributed: Any = False,
+    nonfinite: str = "drop",
     **recorder_kwargs: Any,
 ) -> list[BaseScore]:
     """Calibrate every score on ``net`` with one forward pass per calibration batch.
@@ -65,17 +67,28 @@ def fit_jointly(
         on_batch: called with the number of samples processed so far after each batch.
         distributed: ``True`` or a process group: ``calib_data`` is this rank's shard (it may
             be empty) and every score is merged over the ranks (see ``BaseScore.fit``).
+        nonfinite: ``"drop"`` (default) or ``"raise"``: calibration samples holding NaN or
+            ±inf are dropped before the shared forward, with one warning for the call, or
+            refused (see ``BaseScore.fit``).
         **recorder_kwargs: passed to every :class:`~scio.recorder.Recorder`.
 
     Returns:
-        The fitted scores, in input order.
+        The fitted scores, in input order. If anything raises, every score is left as it
+        was before the call.
     """
     pairs = [(score, tuple(layers)) for score, layers in scores_and_layers]
-    if isinstance(calib_data, Tensor):
-        stream: Iterable[tuple[Tensor, Any]] = split_batches(calib_data, calib_labels, batch_size)
+    stream: Iterable[tuple[Tensor, Any]]
+    if isinstance(calib_data, Tensor):  # checked and filtered whole, then split in batches
+        checked = CalibStream([(calib_data, calib_labels)], nonfinite, single=True)
         n_known: int | None = len(calib_data)
+        stream = (
+            batch
+            for inputs, labels in checked
+            for batch in split_batches(inputs, labels, batch_size)
+        )
     else:
-        stream, n_known = as_batches(calib_data, calib_labels)
+        batches, n_known = as_batches(calib_data, calib_labels)
+        stream = checked = CalibStream(batches, nonfinite)
     group = resolve_group(distributed)
     iterator = iter(stream)
     try:
@@ -87,6 +100,7 @@ def fit_jointly(
     if group is not None:  # an empty rank borrows the probe input of another rank
         probe = example_input(group, None if first is None else first[0][:1], net)
     elif first is None:
+        checked.warn(stacklevel=2)
         msg = "`calib_data` is empty: calibration needs at least one sample"
         raise ValueError(msg)
     else:
@@ -96,13 +110,12 @@ def fit_jointly(
 
     union = Recorder(net, **recorder_kwargs)
     union.record(*chain.from_iterable(layers for _, layers in pairs))
-    sessions = []
-    for score, layers in pairs:
-        rnet = Recorder(net, **recorder_kwargs)
-        rnet.record(*layers)
-        sessions.append((FitSession(score, rnet, n_known, group=group), set(rnet.recording)))
-
+    sessions: list[tuple[FitSession, set[DepthIdx]]] = []
     try:
+        for score, layers in pairs:
+            rnet = Recorder(net, **recorder_kwargs)
+            rnet.record(*layers)
+            sessions.append((FitSession(score, rnet, n_known, group=group), set(rnet.recording)))
         with eval_mode(net):
             for session, _ in sessions:
                 session.prepare(first[0] if first is not None else probe)  # e.g. head discovery
@@ -110,12 +123,22 @@ def fit_jointly(
             _run(sessions, union, chain([first] if first else [], iterator), on_batch)
     except Exception as exc:
         # the other ranks stop at the first score's merge: one report is what they wait for
-        sessions[0][0].abort(exc)
+        if sessions:
+            sessions[0][0].abort(exc)
+        for session, _ in sessions:
+            session.rollback()
         union.remove_hooks()
         raise
-    for session, _ in sessions:
-        session.finish()
-    union.remove_hooks()
+    checked.warn(stacklevel=2)
+    try:
+        for session, _ in sessions:
+            session.finish()
+    except BaseException:
+        for session, _ in sessions:  # all or nothing: the scores fit before are restored too
+            session.rollback()
+        raise
+    finally:
+        union.remove_hooks()
     return [score for score, _ in pairs]
 
 
@@ -128,8 +151,12 @@ def _run(
     n_done = 0
     for inputs, labels in batches:
         start = perf_counter()
-        with torch.no_grad():
-            out = union(inputs)
+        try:
+            with torch.no_grad():
+                out = union(inputs)
+        except RuntimeError as exc:
+            explain_forward_error(exc, inputs, union)
+            raise
         recorded = tuple(union.activations.items())
         tapped = dict(union._tapped_inputs)
         shared = perf_counter() - start

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from scio.recorder import Recorder, SharedForward, shared_forward
 from scio.scores.core.base import BaseScore
 from scio.scores.core.fitted import fitted_scores
-from scio.scores.core.validation import eval_mode
+from scio.scores.core.validation import eval_mode, merge_rows, nonfinite_rows
 
 __all__ = ["JointInference", "infer_jointly"]
 
@@ -79,10 +79,13 @@ class JointInference:
             self._union = union
         return self._union
 
-    def _shared(self, inputs: Tensor) -> SharedForward:
-        """Check ``inputs`` for every score, then run the one shared recorded forward."""
+    def _check(self, inputs: Tensor) -> None:
+        """Check ``inputs`` for every score (as ``score(inputs)`` does)."""
         for score in self.scores:
             score._check_ready(inputs)
+
+    def _shared(self, inputs: Tensor) -> SharedForward:
+        """The one shared recorded forward on (checked, finite) ``inputs``."""
         union = self._union_recorder(inputs)
         start = perf_counter()
         with torch.no_grad(), eval_mode(self.net):
@@ -95,17 +98,46 @@ class JointInference:
             activations=dict(union.activations),
             tapped=dict(union._tapped_calls),
         )
-        self.last_shared_seconds = perf_counter() - start
-        self.shared_seconds += self.last_shared_seconds
+        seconds = perf_counter() - start
+        self.last_shared_seconds += seconds
+        self.shared_seconds += seconds
         return shared
+
+    def _batch(self, inputs: Tensor, own: list[float]) -> list[tuple[Tensor, Tensor]]:
+        """Every score's result on one checked batch (``own[i]``: seconds of score ``i``'s
+        own work, added to). Samples holding NaN or ±inf are left out of the shared forward
+        and of every score, as ``score(inputs)`` does: they get their own network output
+        (one forward of just those rows, shared by the scores) and a NaN conformity."""
+        bad = nonfinite_rows(inputs)
+        finite = inputs if bad is None else inputs[~bad]
+        results: list[Any] = [None] * len(self.scores)
+        if bad is None or not bool(bad.all()):
+            with shared_forward(self._shared(finite)):
+                for i, score in enumerate(self.scores):
+                    start = perf_counter()
+                    results[i] = score._infer(finite)
+                    own[i] += perf_counter() - start
+        if bad is None:
+            return results
+        start = perf_counter()
+        with torch.no_grad(), eval_mode(self.net):
+            out_bad = self._union_recorder(inputs)(inputs[bad], dont_record=True)
+        seconds = perf_counter() - start
+        self.last_shared_seconds += seconds
+        self.shared_seconds += seconds
+        return [
+            merge_rows(bad, out_bad, result, score._nan_conformity)
+            for score, result in zip(self.scores, results, strict=True)
+        ]
 
     def __call__(self, inputs: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``[score(inputs) for score in scores]`` with one shared forward."""
-        results = []
-        with shared_forward(self._shared(inputs)):
-            for score in self.scores:
-                with score.timer("inference", n_samples=len(inputs)):
-                    results.append(score._infer(inputs))
+        self._check(inputs)
+        self.last_shared_seconds = 0.0
+        own = [0.0] * len(self.scores)
+        results = self._batch(inputs, own)
+        for score, seconds in zip(self.scores, own, strict=True):
+            score.timer.add("inference", len(inputs), seconds)
         return results
 
     def run(
@@ -124,14 +156,11 @@ class JointInference:
         own = [0.0] * len(self.scores)
         n_done = 0
         for inputs in batches:
-            shared = self._shared(inputs)
-            with shared_forward(shared):
-                for i, score in enumerate(self.scores):
-                    start = perf_counter()
-                    score_out, conformity = score._infer(inputs)
-                    own[i] += perf_counter() - start
-                    outs[i].append(score_out)
-                    confs[i].append(conformity)
+            self._check(inputs)
+            self.last_shared_seconds = 0.0
+            for i, (score_out, conformity) in enumerate(self._batch(inputs, own)):
+                outs[i].append(score_out)
+                confs[i].append(conformity)
             n_done += len(inputs)
             if on_batch is not None:
                 on_batch(n_done)

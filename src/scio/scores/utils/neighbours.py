@@ -52,14 +52,15 @@ def knn_label_count(
         msg = f"`labels` must have shape (index.ntotal,)={(ntotal,)} (got {labels.shape})"
         raise ValueError(msg)
     out_of_range = labels >= n_classes
-    if bool(out_of_range.any()):
+    if not torch.compiler.is_exporting() and bool(out_of_range.any()):  # checked at fit
         msg = f"`labels` value out of range at: {out_of_range.nonzero()}"
         raise ValueError(msg)
     n_query = query.shape[0] if query.ndim else 1
     if k + self_query > ntotal:
         dtype = torch.get_default_dtype()
         return torch.full((n_query, n_classes), math.nan, dtype=dtype, device=query.device)
-    if index.backend == "torch" and index.D_is_similarity and k > 0:
+    exporting = torch.compiler.is_exporting()  # then ties are in `topk` order (no loop)
+    if index.backend == "torch" and index.D_is_similarity and k > 0 and not exporting:
         I = _faiss_order_ip_neighbours(index, query, k, self_query=self_query)
     else:
         _, I = index.search(query, k, self_query=self_query)

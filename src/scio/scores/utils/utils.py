@@ -98,7 +98,7 @@ def normalize_samples(
     norm = torch.linalg.vector_norm(scaled, ord=ord, dim=-1, keepdim=True)
     # safe denominator: special samples stay as they are and gradients stay finite
     out = scaled / torch.where(special, 1.0, norm)
-    if bool(degenerate.any()):
+    if torch.compiler.is_exporting() or bool(degenerate.any()):  # no data-dependent branch
         s = singular.sum(dim=-1, keepdim=True).to(work.dtype)
         sign = torch.where(work.signbit(), -1.0, 1.0).to(work.dtype)
         other = 0.0 if ord > 0 else math.inf
@@ -256,7 +256,7 @@ def _check_unit_norm(direction: Tensor, grad: Tensor, p: float, start: int) -> N
     except AssertionError as exc:
         msg = (
             f"{exc}\n\nThe {p}-norm of the FGM direction should be 1 (or 0 for null "
-            "gradients), which failed, likely due to numerical instability. "
+            "gradients), which failed. This is likely due to computational approximations. "
             "Consider using p=1 if p is too close to 1"
         )
         raise AssertionError(msg) from exc
