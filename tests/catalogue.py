@@ -94,14 +94,19 @@ CATALOGUE: tuple[Entry, ...] = (
         scores.DeepMahalanobis,
         (MAPS, FEAT),
         uses_labels=True,
-        grid={"epsilon": [0.0, 0.01], "fgm_norm": [2.0, float("inf")], "act_norm": [None, 2.0]},
+        grid={
+            "epsilon": [0.0, 0.01],
+            "fgm_norm": [2.0, float("inf")],
+            "act_norm": [None, 2.0],
+            "normalize": [False, True],
+        },
     ),
     Entry(
         "RelativeMahalanobis",
         scores.RelativeMahalanobis,
         (FEAT, LOGITS),
         uses_labels=True,
-        grid={"epsilon": [0.0, 0.01], "weights": [None, [1.0, 0.5]]},
+        grid={"epsilon": [0.0, 0.01], "weights": [None, [1.0, 0.5]], "normalize": [False, True]},
     ),
     Entry(
         "DkNN",
@@ -158,7 +163,12 @@ CATALOGUE: tuple[Entry, ...] = (
         "OpenMax",
         lambda: scores.OpenMax(tailsize=5),
         uses_labels=True,
-        grid={"tailsize": [5, 25], "alpha": [1, 3], "distance": ["euclidean", "eucos"]},
+        grid={
+            "tailsize": [5, 25],
+            "alpha": [1, 3],
+            "distance": ["euclidean", "eucos"],
+            "readout": ["class", "unknown"],
+        },
     ),
     Entry(
         "ASH",
@@ -187,8 +197,82 @@ CATALOGUE: tuple[Entry, ...] = (
         grid={"k": [1, 3], "bank_fraction": [1.0, 0.5]},
     ),
     Entry("fDBD", scores.fDBD, (FEAT,)),
-    Entry("NCI", scores.NCI, (FEAT,), grid={"alpha": [0.0, 0.01]}),
-    Entry("SHE", scores.SHE, (FEAT,), uses_labels=True),
+    Entry(
+        "NCI",
+        scores.NCI,
+        (FEAT,),
+        grid={"alpha": [0.0, 0.01], "proximity": ["projection", "cosine"]},
+    ),
+    Entry(
+        "SHE",
+        scores.SHE,
+        (FEAT,),
+        uses_labels=True,
+        grid={"metric": ["inner_product", "euclidean", "cosine"]},
+    ),
+    Entry(
+        "VRA",
+        scores.VRA,
+        (FEAT,),
+        grid={
+            "percentile_high": [90.0, 100.0],
+            "percentile_low": [0.0, 10.0],
+            "readout": ["energy", "softmax"],
+        },
+    ),
+    Entry(
+        "CFOOD",
+        lambda: scores.CFOOD(alpha=0.5),
+        (FEAT,),
+        grid={"alpha": [0.5, 1.0], "k": [0.01, 0.2], "seed": [0, 1]},
+    ),
+    Entry("Relation", scores.Relation, (FEAT,), grid={"pow": [1, 2.5]}),
+    Entry("Residual", lambda: scores.Residual(dim=4), (FEAT,), grid={"dim": [2, 6]}),
+    Entry(
+        "ReweightOOD",
+        scores.ReweightOOD,
+        (FEAT,),
+        uses_labels=True,
+        grid={"normalize": [True, False], "epsilon": [0.0, 0.01]},
+    ),
+    Entry(
+        "AdaScale",
+        lambda: scores.AdaScale(o=0.25),  # 16 input elements: int(0.05 · 16) = 0 perturbed
+        (FEAT,),
+        grid={"variant": ["a", "l"], "percentile": [(75.0, 85.0), (10.0, 90.0)]},
+    ),
+    Entry(
+        "IODIN",
+        scores.IODIN,
+        grid={"temperature": [1.0, 1000.0], "noise": [0.0, 0.0014]},
+    ),
+    Entry(
+        "RankFeat",
+        scores.RankFeat,
+        (MAPS, (1, 3)),  # softplus maps and pooled maps (n, 2, 2, 2)
+        grid={"temperature": [1.0, 2.0], "accelerate": [False, True]},
+    ),
+    Entry(
+        "GMM",
+        lambda: scores.GMM(
+            num_clusters_list=(2, 3),
+            feature_type_list=("stat", "flat"),
+            alpha_list=(0.5, 1.0),
+            reduce_dim_list=("none", "pca_4"),
+        ),
+        (MAPS, FEAT),
+        grid={
+            "alpha_list": [(0.5, 1.0), (0.0, 1.0)],
+            "feature_type_list": [("stat", "flat"), ("mean", "mean")],
+        },
+    ),
+    Entry(
+        "GROOD",
+        lambda: scores.GROOD(use_proto_mean=True),  # no OoD sample labelled -1 here
+        (FEAT,),
+        uses_labels=True,
+        grid={"k": [1, 3], "no_gradients": [False, True]},
+    ),
 )
 
 BY_NAME = {entry.name: entry for entry in CATALOGUE}

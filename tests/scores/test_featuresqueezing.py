@@ -232,8 +232,9 @@ def test_fit_checks_inputs_untouched_and_dataloader() -> None:
         FeatureSqueezing(squeezers=[]).fit(rnet, x)
     with pytest.raises(ValueError, match="^Squeezer 'blur:3' is not supported$"):
         FeatureSqueezing(squeezers="blur:3").fit(rnet, x)
-    with pytest.raises(TypeError, match=r"^Parameter `squeezers` of FeatureSqueezing must be"):
-        FeatureSqueezing(squeezers=1.5)  # rejected by the annotation check at construction
+    unfit = FeatureSqueezing(squeezers=1.5)  # as the reference: checked at fit, not before
+    with pytest.raises(TypeError, match=r"^Custom squeezers must be callable \(got 1.5\)$"):
+        unfit.fit(rnet, x)
     with pytest.raises(TypeError, match=r"^Custom squeezers must be callable \(got 1.5\)$"):
         FeatureSqueezing(squeezers=[1.5]).fit(rnet, x)
     with pytest.raises(ValueError, match="is not a valid AggrName"):
@@ -245,3 +246,12 @@ def test_fit_checks_inputs_untouched_and_dataloader() -> None:
         "FeatureSqueezing[unfit](act_norm=None, mode='raw', squeezers='bits:3', dist_norm=1.0, "
         "aggregation='max')"
     )
+
+
+def test_median_squeezer_checks_the_sample_rank_first() -> None:
+    """As the reference, the squeezer's own check comes first, even when the network output
+    has no class axis (0-D samples through ``nn.Identity``)."""
+    rnet = Recorder(torch.nn.Identity(), input_size=(1,))
+    score = FeatureSqueezing(squeezers="median:1").fit(rnet, [], None)
+    with pytest.raises(ValueError, match=r"^Individual samples must be 1D, 2D or 3D \(got 0D\)$"):
+        score(torch.rand(1))

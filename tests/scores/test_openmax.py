@@ -38,19 +38,27 @@ def _distance(a: list[float], b: list[float], kind: str) -> float:
 
 
 def naive_openmax(
-    calib: Tensor, labels: Tensor, test: Tensor, tailsize: int, alpha: int, kind: str
+    calib: Tensor,
+    labels: Tensor,
+    test: Tensor,
+    tailsize: int,
+    alpha: int,
+    kind: str,
+    libmr: bool = False,
 ) -> Tensor:
-    """Recalibrated class probabilities P̂_1..P̂_C, written from the paper with loops."""
+    """Recalibrated class probabilities P̂_1..P̂_C, written from the paper with loops
+    (``libmr``: each tail, and the distances to its class, translated by 1 - min(tail))."""
     rows, ys = calib.double().tolist(), labels.tolist()
     n_classes = len(rows[0])
-    models: dict[int, tuple[list[float], float, float]] = {}
+    models: dict[int, tuple[list[float], float, float, float]] = {}
     for c in range(n_classes):
         correct = [r for r, y in zip(rows, ys, strict=True) if y == c and r.index(max(r)) == c]
         if len(correct) < 2:
             continue
         mav = [sum(col) / len(correct) for col in zip(*correct)]
         tail = sorted((_distance(r, mav, kind) for r in correct), reverse=True)[:tailsize]
-        models[c] = (mav, *scipy_weibull(tail))
+        shift = 1 - min(tail) if libmr else 0.0
+        models[c] = (mav, *scipy_weibull([t + shift for t in tail]), shift)
     alpha = min(alpha, n_classes)
     result = []
     for v in test.double().tolist():
@@ -58,8 +66,9 @@ def naive_openmax(
         omega = [1.0] * n_classes
         for i, c in enumerate(ranked):
             if c in models:
-                mav, shape, scale = models[c]
-                cdf = 1 - math.exp(-((_distance(v, mav, kind) / scale) ** shape))
+                mav, shape, scale, shift = models[c]
+                distance = max(_distance(v, mav, kind) + shift, 0.0)
+                cdf = 1 - math.exp(-((distance / scale) ** shape))
             else:
                 cdf = 1.0
             omega[c] = 1 - (alpha - i) / alpha * cdf
@@ -190,3 +199,47 @@ def test_openmax_parameter_checks() -> None:
     rnet = Recorder(identity_net(3, torch.float32), input_data=calib[[0]])
     with pytest.raises(TypeError, match="`calib_labels` must be a 1-D integer tensor"):
         OpenMax().fit(rnet, calib, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_openmax_unknown_readout_is_the_negated_unknown_probability(dtype: torch.dtype) -> None:
+    calib, labels, test = _hand_made()
+    calib, test = calib.to(dtype), test.to(dtype)
+    rnet = Recorder(identity_net(3, dtype), input_data=calib[[0]])
+    score = OpenMax(tailsize=20, alpha=3).fit(rnet, calib, labels)
+    assert score.readout == "class" and "readout" not in repr(score)
+    classes = score(test)[1]
+    score.readout = "unknown"  # a read-out: the score stays fit
+    assert score.is_fit and "readout='unknown'" in repr(score)
+    out, conformity = score(test)
+    assert out.dtype == conformity.dtype == dtype and conformity.shape == (12, 3)
+    assert torch.equal(conformity[:, 0], conformity[:, 2])
+    known = naive_openmax(calib, labels, test, 20, 3, "euclidean")
+    expected = -(1 - known.sum(dim=1))  # -P̂_0: the unknown class takes the rest
+    tol = {torch.float16: 3e-3, torch.float32: 1e-5, torch.float64: 1e-7}[dtype]
+    torch.testing.assert_close(conformity[:, 1].double(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(
+        conformity[:, 0].double(), classes.double().sum(dim=1) - 1, atol=2 * tol, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"`readout` must be one of \('class', 'unknown'\)"):
+        score.readout = "softmax"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openmax_libmr_weibull_matches_naive(dtype: torch.dtype) -> None:
+    """libMR's FitHigh (the authors' and OpenOOD's): the same fit on translated tails."""
+    calib, labels, test = _hand_made(1)
+    calib, test = calib.to(dtype), test.to(dtype)
+    rnet = Recorder(identity_net(3, dtype), input_data=calib[[0]])
+    score = OpenMax(tailsize=20, alpha=3, weibull="libmr").fit(rnet, calib, labels)
+    assert "weibull='libmr'" in repr(score)
+    assert bool((score.weibull_shift < 1).all()) and bool(score.weibull_fitted.all())
+    expected = naive_openmax(calib, labels, test, 20, 3, "euclidean", libmr=True)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-7}[dtype]
+    torch.testing.assert_close(score(test)[1].double(), expected, atol=tol, rtol=0)
+    plain = naive_openmax(calib, labels, test, 20, 3, "euclidean")
+    assert (expected - plain).abs().max() > 1e-3  # the translation changes the model
+    score.weibull = "mle"  # a calibration parameter: the score is unfit
+    assert not score.is_fit
+    with pytest.raises(ValueError, match=r"`weibull` must be one of \('mle', 'libmr'\)"):
+        OpenMax(weibull="scipy")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -66,11 +67,47 @@ def rnet(data: tuple[Tensor, Tensor]) -> Recorder:
 
 
 def test_abstract_methods_message() -> None:
-    with pytest.raises(
-        TypeError,
-        match="Can't instantiate abstract class BaseScore .*calibrate'?, '?get_conformity",
-    ):
+    """Python 3.12's wording on every version (3.11 words it otherwise), as the reference's
+    tests pin it."""
+    msg = (
+        "Can't instantiate abstract class BaseScore without an implementation for abstract "
+        "methods 'calibrate', 'get_conformity'"
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(msg)}$"):
         BaseScore()  # type: ignore[abstract]
+
+
+class NoNetwork(BaseScore):
+    """Reference-contract score that never runs a network."""
+
+    def calibrate(self, calib_data: Tensor, calib_labels: Any) -> None:
+        self.mean = calib_data.mean()
+
+    def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        return inputs, (inputs - self.mean).abs()
+
+
+def test_placeholder_recorder_for_a_score_that_needs_no_network() -> None:
+    """As the reference, a score written against its contract takes any placeholder ``rnet``
+    (e.g. ``...``): the network is used only where the score's own code uses it."""
+    calib = torch.arange(4.0)
+    score = NoNetwork().fit(..., calib, ...)
+    assert score.rnet is Ellipsis
+    assert repr(score) == "NoNetwork[fit](act_norm=None)"
+    (stat,) = score.timer.calibration
+    assert stat.n_samples == 4
+    out, conformity = score(torch.tensor([1.5, 5.0]))
+    assert out.tolist() == [1.5, 5.0]
+    torch.testing.assert_close(conformity, torch.tensor([0.0, 3.5]))
+    assert score.timer.inference[-1].n_samples == 2
+    with pytest.raises(RuntimeError, match="Missing parameters for Recorded score"):
+        Recorded().fit(..., calib, ...)
+    # a plain network is still refused with the hint, and so is a placeholder for a score
+    # that streams its calibration through the recorder
+    with pytest.raises(TypeError, match=r"`rnet` must be a scio Recorder \(got ellipsis\)"):
+        KNN(k=1).fit(..., calib[:, None], None)
+    with pytest.raises(TypeError, match=r"got a plain nn.Module"):
+        NoNetwork().fit(make_net(), calib, None)
 
 
 def test_fit_required_and_repr(rnet: Recorder, data: tuple[Tensor, Tensor]) -> None:

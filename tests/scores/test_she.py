@@ -26,7 +26,24 @@ def _argmax(row: list[float]) -> int:
     return max(range(len(row)), key=lambda c: row[c])
 
 
-def _naive(calib: tuple[list, list], labels: list[int], test: tuple[list, list]) -> list:
+def _similarity(x: list[float], s: list[float], metric: str) -> float:
+    dot = sum(a * b for a, b in zip(x, s, strict=True))
+    if metric == "inner_product":
+        return dot
+    if metric == "euclidean":
+        return -math.sqrt(sum((a - b) ** 2 for a, b in zip(x, s, strict=True)))
+    norms = max(math.sqrt(sum(a * a for a in x)), 1e-8) * max(
+        math.sqrt(sum(b * b for b in s)), 1e-8
+    )
+    return dot / norms
+
+
+def _naive(
+    calib: tuple[list, list],
+    labels: list[int],
+    test: tuple[list, list],
+    metric: str = "inner_product",
+) -> list:
     patterns: dict[int, list[float]] = {}
     for c in set(labels):
         rows = [f for f, z, y in zip(*calib, labels, strict=True) if y == c and _argmax(z) == c]
@@ -36,7 +53,7 @@ def _naive(calib: tuple[list, list], labels: list[int], test: tuple[list, list])
     for feats, logits in zip(*test, strict=True):
         pred = _argmax(logits)
         if pred in patterns:
-            result.append(sum(a * b for a, b in zip(feats, patterns[pred], strict=True)))
+            result.append(_similarity(feats, patterns[pred], metric))
         else:
             result.append(-math.inf)
     return result
@@ -96,3 +113,28 @@ def test_she_absent_class_falls_back_with_a_warning() -> None:
         assert (conformity == (-math.inf if mode == "raw" else 0 if mode == "diff" else 1)).all()
     with pytest.raises(TypeError, match="calib_labels"):
         SHE().fit(rnet, calib, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_she_metrics_match_naive_and_keep_fit(dtype: torch.dtype, metric: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    net = make_net(dtype=dtype, n_classes=3, seed=1)
+    calib = (3 * torch.randn(60, 1, 4, 4, generator=generator)).to(dtype)
+    test = (3 * torch.randn(9, 1, 4, 4, generator=generator)).to(dtype)
+    with torch.no_grad():
+        labels = net(calib).argmax(dim=1)
+    rnet = Recorder(net, input_data=calib[[0]])
+    rnet.record((1, 4))
+    score = SHE().fit(rnet, calib, labels)
+    assert score.metric == "inner_product" and "metric" not in repr(score)  # OpenOOD's default
+    score.metric = metric  # used at inference only: the score stays fit
+    assert score.is_fit
+    _, conformity = score(test)
+    expected = _naive(_features(net, calib), labels.tolist(), _features(net, test), metric)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
+    torch.testing.assert_close(
+        conformity[:, 0].double(), torch.tensor(expected, dtype=torch.float64), atol=tol, rtol=tol
+    )
+    with pytest.raises(ValueError, match=r"`metric` must be one of \('inner_product'"):
+        score.metric = "l1"

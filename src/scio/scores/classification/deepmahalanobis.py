@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.base import BaseScore, StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.core.input_grad import (
     DEFAULT_MAX_BATCH,
@@ -21,7 +21,8 @@ from scio.scores.core.input_grad import (
     check_max_batch,
     frozen_parameters,
 )
-from scio.scores.utils import batched_grad, fgm_direction
+from scio.scores.core.validation import ParamRange, param_ranges
+from scio.scores.utils import batched_grad, fgm_direction, normalize_samples
 from scio.utils.misc import check
 
 __all__ = ["DeepMahalanobis"]
@@ -170,10 +171,19 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     the ``r`` non-null directions), so the score still ranks inputs. A non-finite
     covariance (e.g. a single calibration sample) also warns and gives ``-inf`` conformities.
 
+    Mahalanobis++ (Mueller & Hein, "Mahalanobis++: Improving OOD Detection via Feature
+    Normalization", ICML 2025): with ``normalize=True`` each layer's (flattened,
+    ``act_norm``-normalised) features are divided by their L2 norm before the Gaussian fit
+    and at inference, so that the feature norms, which vary strongly across classes and
+    inputs, no longer dominate the distance (``act_norm``, one positive factor per layer and
+    sample, then has no effect).
+
     Args:
         epsilon: input perturbation magnitude (0 = none).
         fgm_norm: norm of the perturbation step (``>= 1``; ``inf`` = sign of the gradient).
         weights: one weight per recorded layer (default: all ones).
+        normalize: extension: L2-normalise each layer's features (Mahalanobis++; default
+            ``False``, the reference's plain features). Changing it unfits the score.
         max_batch: with ``epsilon != 0``, rows per gradient pass (``None``: the whole batch
             at once); bounds the autograd memory whatever the caller's batch size, results
             do not depend on it (up to float rounding). ``repr`` shows it only when not the
@@ -203,18 +213,22 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     fgm_norm: float = math.inf
     weights: Sequence[float] | None = None
     max_batch: int | None = DEFAULT_MAX_BATCH
+    # shadows BaseScore.normalize (the act_norm helper), reached here as _features
+    normalize: bool = False  # type: ignore[assignment]
 
-    _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _extension_params = BaseScoreClassif._extension_params | {"max_batch", "normalize"}
 
     #: Relative variant (Ren et al.): subtract the distance to a background Gaussian.
     _relative: ClassVar[bool] = False
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = ("means", "center", "whitening", "means_white")
 
+    _param_ranges = param_ranges(
+        epsilon=ParamRange(math.isfinite, "a finite number"),
+        fgm_norm=ParamRange.interval(1, low_open=False),
+    )
+
     # -- parameters ---------------------------------------------------------------------------
-    def _check_params(self, n_calib: int) -> None:
-        super()._check_params(n_calib)
-        check(self.fgm_norm >= 1)
 
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         if attr == "max_batch":
@@ -226,6 +240,23 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
     @property
     def _inference_needs_grad(self) -> bool:
         return self.epsilon != 0
+
+    def _features(self, activations: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Raw recorded activations -> the features modelled: ``act_norm`` applied, then,
+        with ``normalize``, each layer flattened and divided by its per-sample L2 norm."""
+        features = BaseScore.normalize(self, activations)
+        if not self.normalize:
+            return features
+        return tuple(normalize_samples(f.reshape(f.shape[0], -1), ord=2) for f in features)
+
+    def activations(self, *, concatenate: bool = False) -> tuple[Tensor, ...]:
+        """Features of the latest recorder forward, as modelled (see :meth:`_features`;
+        without ``normalize``, :meth:`BaseScore.activations`)."""
+        raw = tuple(self.rnet.activations.values())
+        if not self.normalize:
+            return BaseScore.normalize(self, raw, concatenate=concatenate)
+        features = self._features(raw)
+        return (torch.cat(features, dim=1),) if concatenate else features
 
     # -- public static helpers ----------------------------------------------------------------
     @staticmethod
@@ -287,7 +318,7 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         out = batch.out
         n_classes = out.shape[1]
         labels = validate_labels(batch.labels, len(batch), n_classes)
-        features = self.normalize(batch.activations)
+        features = self._features(batch.activations)
         state = self._state
         self._layer_ids = tuple(self.rnet.activations.keys()) or tuple(self.rnet.recording)
         for layer, feats in enumerate(features):
@@ -399,9 +430,9 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         cdtype = _compute_dtype(inputs.dtype)
         if self.epsilon == 0:
             out = self.rnet(inputs)
-            features = self.activations()
+            features = self._features(tuple(self.rnet.activations.values()))
             d2 = [
-                self._class_d2(layer, feats.reshape(len(feats), -1).to(cdtype))
+                self._class_d2(layer, feats.reshape(feats.shape[0], -1).to(cdtype))
                 for layer, feats in enumerate(features)
             ]
         else:
@@ -424,7 +455,7 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         x = inputs.detach().requires_grad_()  # alias: the caller's tensor is left untouched
         out = self.rnet(x)
         layer_ids = tuple(self.rnet.activations.keys())
-        features = self.activations()
+        features = self._features(tuple(self.rnet.activations.values()))
         d2 = []
         for layer, feats in enumerate(features):
             z = feats.reshape(len(feats), -1).to(cdtype)
@@ -447,6 +478,6 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
                 )
             with torch.no_grad():
                 self.rnet(x_adv)
-                adv_feats = self.activations()[layer]
+                adv_feats = self._features(tuple(self.rnet.activations.values()))[layer]
                 d2.append(self._class_d2(layer, adv_feats.reshape(len(adv_feats), -1).to(cdtype)))
         return (out.detach(), *d2)

@@ -37,7 +37,7 @@ def fdbd_conformity(
     """fDBD conformity ``(n,)``: ``mean_{c ≠ ŷ} |z_ŷ - z_c| / ||w_ŷ - w_c||`` divided by
     ``||x - μ||`` (compute dtype: float32, float64 for float64 features)."""
     dtype = _compute_dtype(features.dtype)
-    x = features.reshape(len(features), -1).to(dtype)
+    x = features.reshape(features.shape[0], -1).to(dtype)
     z = logits.to(dtype)
     n_classes = z.shape[1]
     pred = z.argmax(dim=1, keepdim=True)

@@ -10,11 +10,10 @@ import torch
 from torch import Tensor
 
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.core.base import NoCalibration
+from scio.scores.core.base import NoCalibration, ParamError
 from scio.scores.core.input_grad import check_max_batch, row_chunks
 from scio.scores.utils import get_aggregator
 from scio.utils.enums import AggrNameLike
-from scio.utils.misc import check
 
 __all__ = ["FeatureSqueezing", "SqueezerLike", "bits_squeeze", "median_squeeze"]
 
@@ -169,7 +168,9 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     (``k`` filtered axes) for the median selection.
     """
 
-    squeezers: SqueezerLike | Iterable[SqueezerLike]
+    # validated at ``fit`` (as the reference: a custom squeezer that is not callable raises
+    # a TypeError there), hence ``Any`` in the annotation, which the constructor leaves alone
+    squeezers: SqueezerLike | Iterable[SqueezerLike] | Any
     dist_norm: float = 1.0
     aggregation: AggrNameLike | float = "max"
     max_batch: int | None = None
@@ -193,7 +194,12 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         fns = parse_squeezers(self.squeezers)
-        check(len(fns) > 0)
+        if not fns:
+            msg = (
+                "Parameter `squeezers` of FeatureSqueezing must name at least one squeezer "
+                f"(got {self.squeezers!r})"
+            )
+            raise ParamError(msg)
         get_aggregator(self.aggregation)  # invalid names raise ValueError now
         check_max_batch(self.max_batch)
         self._squeezers_fn = fns
@@ -201,17 +207,19 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)
         work = _work_dtype(out.dtype)
-        probs = torch.softmax(out, dim=1, dtype=work)
         squeezers = self.squeezers_fn
         per_pass = self.max_batch
         if per_pass is None:
             numel = max(1, inputs[0].numel()) if len(inputs) else 1
             per_pass = max(1, _MAX_SQUEEZED_ELEMENTS // numel)
-        distances = probs.new_empty((len(inputs), len(squeezers)))
+        distances = out.new_empty((len(inputs), len(squeezers)), dtype=work)
+        probs: Tensor | None = None  # after the first squeeze: its input checks come first
         for rows in row_chunks(len(inputs), per_pass):
             chunk = inputs[rows]
             for j, squeeze in enumerate(squeezers):
                 squeezed = self.rnet(squeeze(chunk), dont_record=True)
+                if probs is None:
+                    probs = torch.softmax(out, dim=1, dtype=work)
                 diff = probs[rows] - torch.softmax(squeezed, dim=1, dtype=work)
                 distances[rows, j] = torch.linalg.vector_norm(diff, ord=self.dist_norm, dim=1)
         aggregated = get_aggregator(self.aggregation)(distances, dim=1)

@@ -24,7 +24,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _unit(features: Tensor) -> Tensor:
-    x = features.reshape(len(features), -1).to(_compute_dtype(features.dtype))
+    x = features.reshape(features.shape[0], -1).to(_compute_dtype(features.dtype))
     return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
 
 

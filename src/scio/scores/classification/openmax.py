@@ -24,6 +24,10 @@ __all__ = [
 
 _F64 = torch.float64
 DISTANCES = ("euclidean", "cosine", "eucos")
+#: ``readout`` values: the recalibrated class probabilities, or the unknown class's.
+READOUTS = ("class", "unknown")
+#: ``weibull`` values: the plain maximum-likelihood fit, or libMR's translated one.
+WEIBULL_FITS = ("mle", "libmr")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +51,12 @@ def mav_distances(av: Tensor, mav: Tensor, kind: str, *, paired: bool = False) -
     """
     if kind == "cosine":
         return _cosine_distance(av, mav, paired=paired)
-    euclid = (av - mav).norm(dim=1) if paired else torch.cdist(av, mav)
+    if paired:
+        euclid = (av - mav).norm(dim=1)
+    elif torch.compiler.is_exporting():  # cdist picks its algorithm by the batch size
+        euclid = (av[:, None, :] - mav[None, :, :]).norm(dim=2)
+    else:
+        euclid = torch.cdist(av, mav)
     if kind == "euclidean":
         return euclid
     return euclid / 200 + _cosine_distance(av, mav, paired=paired)
@@ -149,6 +158,12 @@ def _validate(attr: str, value: Any) -> None:
     elif attr == "distance" and value not in DISTANCES:
         msg = f"`distance` must be one of {DISTANCES} (got {value!r})"
         raise ParamError(msg)
+    elif attr == "readout" and value not in READOUTS:
+        msg = f"`readout` must be one of {READOUTS} (got {value!r})"
+        raise ParamError(msg)
+    elif attr == "weibull" and value not in WEIBULL_FITS:
+        msg = f"`weibull` must be one of {WEIBULL_FITS} (got {value!r})"
+        raise ParamError(msg)
 
 
 class OpenMax(StreamingCalibration, BaseScoreClassif):
@@ -168,9 +183,11 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
     ``v̂ = v ∘ ω``, ``v̂_0 = sum_c v_c (1 - ω_c)`` and ``P̂ = softmax([v̂_0, v̂])``.
     conformity ``c_j = P̂_j`` (``j = 1..C``, the recalibrated class probabilities: the
     predicted-class conformity is small when the unknown class or another class wins, the
-    paper's rejection rule). The paper's Algorithm 2 prints the Weibull survival function
-    and the ranks from 1; this follows the authors' released implementation (the CDF, the
-    top class weighted 1), the only reading where farther inputs are less confident.
+    paper's rejection rule), or with ``readout="unknown"`` ``c_j = -P̂_0`` for every class
+    (the negated probability of the unknown class: OpenOOD's and the other peers' read-out).
+    The paper's Algorithm 2 prints the Weibull survival function and the ranks from 1; this
+    follows the authors' released implementation (the CDF, the top class weighted 1), the
+    only reading where farther inputs are less confident.
 
     Classes without a Weibull model (fewer than two correctly classified calibration samples
     with distinct distances, e.g. absent classes) get ``w_c = 1`` (every input is an outlier
@@ -183,6 +200,14 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
             classes is used).
         distance: ``"euclidean"`` (the paper's formula, default), ``"cosine"`` or
             ``"eucos"`` (``euclidean / 200 + cosine``, the authors' released code).
+        readout: extension: ``"class"`` (default, ``P̂_j``) or ``"unknown"`` (``-P̂_0``).
+            Changing it keeps the score fit.
+        weibull: extension: ``"mle"`` (default: the maximum-likelihood Weibull of the tail
+            distances, location 0) or ``"libmr"`` (the libMR library's ``FitHigh`` used by
+            the authors and by OpenOOD: each class's tail is translated to start at 1,
+            ``x - min(tail) + 1``, before the same fit, and inference distances are
+            translated alike). OpenOOD's OpenMax is ``OpenMax(tailsize=20, alpha=3,
+            weibull="libmr", readout="unknown")``.
         act_norm: unused (the activation vector is the network output).
         mode: see :class:`~scio.scores.classification.base.BaseScoreClassif`.
 
@@ -190,28 +215,39 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
     then one vectorised Weibull fit for all classes on CPU (scipy, float64). Inference: one
     plain forward, one ``(n × C)·(C × C)`` distance computation and a top-``alpha``. Fitted
     state: ``mav`` (``C × C`` float64, NaN rows for classes without correct samples),
-    ``weibull_shape`` and ``weibull_scale`` (``C`` float64, NaN without a model) and
-    ``weibull_fitted`` (``C`` bool).
+    ``weibull_shape`` and ``weibull_scale`` (``C`` float64, NaN without a model),
+    ``weibull_fitted`` (``C`` bool) and ``weibull_shift`` (``C`` float64 translation of the
+    distances, 0 with ``weibull="mle"``).
     """
 
     tailsize: int = 25
     alpha: int = 10
     distance: str = "euclidean"
+    readout: str = "class"
+    weibull: str = "mle"
+
+    _extension_params = BaseScoreClassif._extension_params | {"readout", "weibull"}
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = (
         "mav",
         "weibull_shape",
         "weibull_scale",
         "weibull_fitted",
+        "weibull_shift",
     )
 
+    def _check_param_value(self, name: str, value: Any) -> None:
+        super()._check_param_value(name, value)  # before any is set (atomic `set_params`)
+        _validate(name, value)
+
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        _validate(attr, future_val)
+        if attr == "readout":  # a pure read-out: the score stays fit
+            return
         super()._on_param_will_be_set(attr, future_val)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
-        for attr in ("tailsize", "alpha", "distance"):
+        for attr in ("tailsize", "alpha", "distance", "readout", "weibull"):
             _validate(attr, getattr(self, attr))
 
     def _calib_update(self, batch: CalibBatch) -> None:
@@ -230,6 +266,11 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
         mav = sums / counts[:, None]  # NaN rows for classes without correct samples
         dist = mav_distances(av, mav[labels], self.distance, paired=True)
         tail = tail_distances(dist, labels, n_classes, self.tailsize)
+        shift = torch.zeros(n_classes, dtype=_F64, device=av.device)
+        if self.weibull == "libmr":  # libMR's FitHigh translates the tail to start at 1
+            low = tail.nan_to_num(nan=torch.inf).amin(dim=1)
+            shift = torch.where(low.isfinite(), 1 - low, shift)
+            tail = tail + shift[:, None]
         shape, scale, fitted = fit_weibull(tail.cpu().numpy())
         missing = np.flatnonzero(~fitted).tolist()
         if missing:
@@ -245,6 +286,7 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
         self.weibull_shape: Tensor = torch.from_numpy(shape).to(device)
         self.weibull_scale: Tensor = torch.from_numpy(scale).to(device)
         self.weibull_fitted: Tensor = torch.from_numpy(fitted).to(device)
+        self.weibull_shift: Tensor = shift
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)
@@ -253,7 +295,12 @@ class OpenMax(StreamingCalibration, BaseScoreClassif):
         fitted = self.weibull_fitted.to(out.device)
         mav = self.mav.to(device=out.device, dtype=work).nan_to_num(0.0)
         distances = mav_distances(av, mav, self.distance)
+        shift = self.__dict__.get("weibull_shift")  # absent from files saved before it
+        if shift is not None:
+            distances = distances + shift.to(device=out.device, dtype=work)
         shape = self.weibull_shape.to(device=out.device, dtype=work).nan_to_num(1.0)
         scale = self.weibull_scale.to(device=out.device, dtype=work).nan_to_num(1.0)
         probs = openmax_probabilities(av, distances, shape, scale, fitted, self.alpha)
+        if self.readout == "unknown":
+            return out, (-probs[:, 0]).to(out.dtype)
         return out, probs[:, 1:].to(out.dtype)

@@ -28,6 +28,8 @@ class RelativeMahalanobis(DeepMahalanobis):
         epsilon: input perturbation magnitude (0 = none).
         fgm_norm: norm of the perturbation step (``>= 1``).
         weights: one weight per recorded layer (default: all ones).
+        normalize: extension: L2-normalise each layer's features before both Gaussian fits
+            and at inference (Mahalanobis++, see :class:`DeepMahalanobis`; default ``False``).
 
     Changing ``epsilon``, ``fgm_norm`` or ``weights`` keeps the score fit. The caller's input
     tensor is never modified.

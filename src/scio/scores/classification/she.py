@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 
 from scio.scores.classification.base import BaseScoreClassif
-from scio.scores.core.base import StreamingCalibration
+from scio.scores.core.base import ParamError, StreamingCalibration
 from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.core.head import HeadMixin
 
 __all__ = ["SHE", "she_conformity", "she_templates"]
 
 _F64 = torch.float64
+#: ``metric`` values (OpenOOD's ``she`` postprocessor's).
+METRICS = ("inner_product", "euclidean", "cosine")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,13 +32,25 @@ def she_templates(sums: Tensor, counts: Tensor) -> Tensor:
     return sums / counts.unsqueeze(1)
 
 
-def she_conformity(logits: Tensor, features: Tensor, templates: Tensor) -> Tensor:
-    """SHE conformity ``(n,)``: ``<x, S_ŷ>`` with ``ŷ = argmax z`` (``-inf`` where ``S_ŷ``
-    is undefined), in the compute dtype (float32, float64 for float64 features)."""
+def she_conformity(
+    logits: Tensor, features: Tensor, templates: Tensor, metric: str = "inner_product"
+) -> Tensor:
+    """SHE conformity ``(n,)`` with ``ŷ = argmax z``: ``<x, S_ŷ>`` (``"inner_product"``),
+    ``-||x - S_ŷ||`` (``"euclidean"``) or ``cos(x, S_ŷ)`` (``"cosine"``, norms clamped at
+    ``1e-8``); ``-inf`` where ``S_ŷ`` is undefined. Compute dtype: float32, float64 for
+    float64 features."""
     dtype = _compute_dtype(features.dtype)
-    x = features.reshape(len(features), -1).to(dtype)
-    pred = logits.argmax(dim=1)
-    energy = (x * templates.to(x)[pred]).sum(dim=1)
+    x = features.reshape(features.shape[0], -1).to(dtype)
+    pattern = templates.to(x)[logits.argmax(dim=1)]
+    if metric == "inner_product":
+        energy = (x * pattern).sum(dim=1)
+    elif metric == "euclidean":
+        energy = -(x - pattern).norm(dim=1)
+    elif metric == "cosine":
+        energy = torch.cosine_similarity(x, pattern, dim=1, eps=1e-8)
+    else:
+        msg = f"`metric` must be one of {METRICS} (got {metric!r})"
+        raise ValueError(msg)
     return energy.masked_fill(energy.isnan(), -math.inf)
 
 
@@ -51,13 +65,18 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
 
     Formula: with ``x`` the head's input features, ``ŷ = argmax z`` and
     ``S_c = mean {x_i : y_i = c = ŷ_i}`` over calibration, ``conformity = <x, S_ŷ>``,
-    identical for every class.
+    identical for every class. This is OpenOOD's ``she`` postprocessor with its default
+    ``metric="inner_product"``; the only differences are the fallback below (OpenOOD's
+    mean of an empty set gives NaN) and the float64 accumulation of the patterns.
 
     Classes with no correctly predicted calibration sample have no stored pattern: a
     ``UserWarning`` names them at fit, and inputs predicted as one of them get conformity
     ``-inf`` (documented fallback).
 
     Args:
+        metric: extension: ``"inner_product"`` (default, the paper's), ``"euclidean"``
+            (``-||x - S_ŷ||``) or ``"cosine"``, OpenOOD's names. Changing it keeps the
+            score fit.
         head: the head's module name (``None``: discovered, see
             :class:`~scio.scores.core.head.HeadMixin`). The logits ``z`` are recomputed from the
             head's input with its weight and bias (one ``d × C`` product): the network
@@ -69,7 +88,21 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     (NaN rows for classes without a pattern).
     """
 
+    metric: str = "inner_product"
+
+    _extension_params = BaseScoreClassif._extension_params | {"metric"}
+
     _fitted_attrs: ClassVar[tuple[str, ...]] = (*HeadMixin._head_fitted_attrs, "templates")
+
+    def _on_param_will_be_set(self, attr: str, future_val: object) -> None:
+        if attr == "metric":
+            _check_metric(future_val)
+            return  # used at inference only: the score stays fit
+        super()._on_param_will_be_set(attr, future_val)
+
+    def _check_params(self, n_calib: int) -> None:
+        super()._check_params(n_calib)
+        _check_metric(self.metric)
 
     def _calib_update(self, batch: CalibBatch) -> None:
         features = self.head_features(batch)
@@ -100,4 +133,11 @@ class SHE(HeadMixin, StreamingCalibration, BaseScoreClassif):
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out, features = self.head_forward(inputs)
         logits = self.head_logits(features)
-        return out, she_conformity(logits, features, self.templates).to(out.dtype)
+        conformity = she_conformity(logits, features, self.templates, self.metric)
+        return out, conformity.to(out.dtype)
+
+
+def _check_metric(value: object) -> None:
+    if value not in METRICS:
+        msg = f"`metric` must be one of {METRICS} (got {value!r})"
+        raise ParamError(msg)
