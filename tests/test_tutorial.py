@@ -12,6 +12,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -20,6 +21,13 @@ from scio.demo import parse_layer, run_demo
 from tests.conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "inferring_with_confidence.py"
+DIVING = REPO_ROOT / "examples" / "diving_inside_neural_networks.py"
+EVALUATING = REPO_ROOT / "examples" / "visualizing_and_evaluating.py"
+CUSTOM_SCORE = REPO_ROOT / "examples" / "implementing_your_own_ood_detection_algorithm.py"
+CUSTOM_METRIC = REPO_ROOT / "examples" / "implementing_your_own_discriminative_power_metric.py"
+#: What the reference library prints for the same statements (seed 0, 150 columns), made by
+#: running each example against it with only the model loading swapped (docs/compatibility.md).
+REFERENCE_OUTPUTS = Path(__file__).parent / "data" / "tutorials"
 
 
 def _run_like_a_notebook(path: Path) -> tuple[dict[str, Any], str]:
@@ -36,6 +44,104 @@ def _run_like_a_notebook(path: Path) -> tuple[dict[str, Any], str]:
             else:
                 exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
     return namespace, buffer.getvalue()
+
+
+_ELAPSED = re.compile(r"\b\d+:\d\d:\d\d\b")  # progress bars' elapsed time
+_DURATION = re.compile(r"\b\d+(?:\.\d*)? ?(?:s|ms|μs|ns|ps|fs|as)\b")  # timer values
+_ADDRESS = re.compile(r"\bat 0x[0-9a-f]+\b")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _skeletons(text: str) -> list[tuple[str, list[float]]]:
+    """Each non-blank line without timer values, elapsed times and addresses, its runs of
+    spaces and rules collapsed (column widths follow the durations), and its numbers apart."""
+    lines = []
+    for line in text.splitlines():
+        line = _ADDRESS.sub("at 0x?", _DURATION.sub("<t>", _ELAPSED.sub("<t>", line)))
+        line = re.sub(r"━+", "━", re.sub(r"─+", "─", re.sub(r"\s+", " ", line))).strip()
+        if line:
+            numbers = [float(n) for n in _NUMBER.findall(line)]
+            lines.append((_NUMBER.sub("#", line), numbers))
+    return lines
+
+
+def _assert_same_lines(ours: str, reference: str) -> None:
+    """Same lines as the reference, timer values aside; numbers within float32 rounding."""
+    got, expected = _skeletons(ours), _skeletons(reference)
+    assert [text for text, _ in got] == [text for text, _ in expected]
+    for (text, numbers), (_, ref_numbers) in zip(got, expected):
+        np.testing.assert_allclose(numbers, ref_numbers, rtol=1e-5, atol=1e-6, err_msg=text)
+
+
+def _run_tutorial(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
+    """Run a tutorial as the reference outputs were made: seed 0, a 150-column rich console,
+    figures shown by ``plt.show`` closed (their number is kept in ``namespace["_shown"]``)."""
+    import matplotlib.pyplot as plt
+    import rich
+
+    shown: list[int] = []
+
+    def show(*, block: bool | None = None) -> None:
+        shown.append(len(plt.gcf().axes))
+        plt.close("all")
+
+    monkeypatch.setattr(plt, "show", show)
+    monkeypatch.setattr(rich, "_console", Console(width=150, color_system=None))
+    torch.manual_seed(0)
+    namespace, output = _run_like_a_notebook(path)
+    namespace["_shown"] = shown
+    return namespace, output
+
+
+@pytest.mark.slow
+def test_tutorial_prints_the_reference_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, output = _run_tutorial(EXAMPLE, monkeypatch)
+    reference = (REFERENCE_OUTPUTS / "inferring_with_confidence.out").read_text()
+    _assert_same_lines(output, reference)
+
+
+@pytest.mark.slow
+def test_diving_inside_neural_networks_tutorial(monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace, output = _run_tutorial(DIVING, monkeypatch)
+    lines = output.splitlines()
+    assert "Currently recording: None" in lines
+    assert "Currently recording: 1-3, 1-11" in lines
+    activations = namespace["rnet"].activations
+    assert list(activations) == [(1, 3), (1, 11)]
+    assert activations[(1, 3)].shape == (5, 48, 32, 32)
+    assert activations[(1, 11)].shape == (5, 80, 1, 1)
+    reference = (REFERENCE_OUTPUTS / "diving_inside_neural_networks.out").read_text()
+    _assert_same_lines(output, reference)
+
+
+@pytest.mark.slow
+def test_visualizing_and_evaluating_tutorial(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("skimage", reason="the tutorial's offline data are scikit-image photos")
+    namespace, output = _run_tutorial(EVALUATING, monkeypatch)
+    assert namespace["_shown"] == [4 + 3]  # summary_plot: 4 histograms, 3 ROC panels
+    assert namespace["confs_ind"].shape == (4, 1000)
+    assert [c.shape for c in namespace["confs_oods"]] == [(4, 1000)] * 3
+    assert output.count("----") == 4
+    reference = (REFERENCE_OUTPUTS / "visualizing_and_evaluating.out").read_text()
+    _assert_same_lines(output, reference)
+
+
+@pytest.mark.slow
+def test_custom_score_and_metric_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace, output = _run_tutorial(CUSTOM_SCORE, monkeypatch)
+    assert "ClassMeanCosine[fit](act_norm=None, mode='raw', eps=1e-12)" in output
+    assert "torch.Size([4, 10])" in output
+    assert "torch.Size([4])" in output
+    out, conformity = namespace["out"], namespace["conformity"]
+    assert out.shape == conformity.shape == (4, 10)
+    assert bool((conformity.abs() <= 1 + 1e-6).all())  # cosine similarities
+    namespace, output = _run_tutorial(CUSTOM_METRIC, monkeypatch)
+    evals = namespace["evals"]
+    assert evals.shape == (2, 2, 4)
+    assert bool((evals[:, :, 0] >= evals[:, :, 1]).all())  # a restriction never helps
+    assert "BalancedAccuracy() / BalancedAccuracy(min_tnr=0.95) / MCC() / AUC()" in " ".join(
+        output.split()
+    )
 
 
 def _brute_force_knn(rnet: Any, calib: torch.Tensor, test: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import io
-import runpy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from torch import Tensor, nn
 
-import scio.eval.classification.benchmark as bench
 from scio.eval import (
     AUC,
     FPR,
@@ -38,6 +38,7 @@ from scio.eval import (
     summary_table,
 )
 from scio.eval.classification.benchmark import ScoreClassifAndLayers, _score_and_layers_str
+from scio.eval.classification.tables import _optimal_rows, _summary_table
 from scio.scores import KNN, BaseScoreClassif
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -140,9 +141,8 @@ def test_fit_scores_delegates_to_fit_jointly(
     assert calls[0][1:] == ("net", calib, "labels", 4)
     assert [tuple(p) for p in calls[0][0]] == pairs
     out = capsys.readouterr().out
-    assert "Fitting Scores... (10 samples)" in out
-    assert "10/10" in out
-    assert "Done" in out
+    # the reference's final line: elapsed time, title, bar, scores done, "Done"
+    assert re.search(r"^\d+:\d\d:\d\d Fitting Scores\.\.\. \(10 samples\) ━+ 2/2 Done\s*$", out)
 
 
 def test_fit_scores_one_forward_per_batch(net: SmallNet, data: dict[str, Tensor]) -> None:
@@ -228,13 +228,33 @@ def test_compute_confidence_progress(
         oods_title=("Bright", "Negative"),
     )
     out = capsys.readouterr().out
-    for text in (
-        "Computing confidences...",
+    # the reference's final line (the per-set bars are dropped once each set is done)
+    assert re.search(r"^\d+:\d\d:\d\d Computing confidences\.\.\. ━+ 1/1 Done\s*$", out)
+
+
+def test_compute_confidence_progress_per_set(
+    data: dict[str, Tensor], fitted: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a set runs, its own bar (in samples) is shown below the scores' bar."""
+    seen: list[str] = []
+    original = Progress.add_task
+
+    def add_task(self: Progress, description: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(description)
+        return original(self, description, *args, **kwargs)
+
+    monkeypatch.setattr(Progress, "add_task", add_task)
+    compute_confidence(
+        [fitted[0][0]],
+        ind=data["ind"],
+        oods=(data["ood1"], data["ood2"]),
+        oods_title=("Bright", "Negative"),
+    )
+    assert seen[1:] == [
         "↳ In-Distribution (30 samples)",
         "↳ OoD 1: Bright (25 samples)",
         "↳ OoD 2: Negative (20 samples)",
-    ):
-        assert text in out
+    ]
 
 
 # -- metrics and tables ------------------------------------------------------------------------
@@ -273,7 +293,7 @@ def test_summary_table_content(capsys: pytest.CaptureFixture[str]) -> None:
     metrics = (AUC(max_fpr=0.2), TPR(max_fpr=0.05))
     evals = compute_metrics(CONFS_IND, CONFS_OODS, metrics)
     titles = ("Gaussian (shifted)", "Gaussian wide")
-    table = bench._summary_table(
+    table = _summary_table(
         evals, scores_and_layers=PAIRS, oods_title=titles, metrics=metrics, baseline=2
     )
     text = _render(table)
@@ -311,7 +331,7 @@ def test_summary_table_content(capsys: pytest.CaptureFixture[str]) -> None:
 def test_summary_table_lower_is_better_and_no_baseline() -> None:
     metrics = (FPR(),)
     evals = compute_metrics(CONFS_IND, CONFS_OODS, metrics)
-    table = bench._summary_table(evals, metrics=metrics)
+    table = _summary_table(evals, metrics=metrics)
     markup = list(table.columns[1].cells)
     best_row = int(np.argmin(evals[:, 0, 0]))
     assert "gold3" in markup[best_row]
@@ -321,7 +341,7 @@ def test_summary_table_lower_is_better_and_no_baseline() -> None:
 
 
 def test_summary_table_escapes_markup() -> None:
-    text = _render(bench._summary_table(np.full((1, 1, 1), 0.5), oods_title=["[red]A[/red]"]))
+    text = _render(_summary_table(np.full((1, 1, 1), 0.5), oods_title=["[red]A[/red]"]))
     assert "[red]A[/red]" in text
     assert "0.500" in text
 
@@ -413,7 +433,9 @@ def test_summary_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         block=False,
         save=path,
         ax="ignored",
+        return_figure=True,
     )
+    assert fig is not None
     assert shown == [False]
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert len(fig.axes) == 3 + 2
@@ -430,11 +452,39 @@ def test_summary_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_summary_plot_legend_pair_and_no_show(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plt, "show", lambda block=None: pytest.fail("shown"))
-    fig = summary_plot(CONFS_IND[:1], [c[:1] for c in CONFS_OODS], legend=(False, True), show=False)
+    fig = summary_plot(
+        CONFS_IND[:1],
+        [c[:1] for c in CONFS_OODS],
+        legend=(False, True),
+        show=False,
+        return_figure=True,
+    )
+    assert fig is not None
     assert [ax.get_legend() is not None for ax in fig.axes] == [False, False, False]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Score 1"]
     assert fig.axes[0].get_title() == "Score 1"
     plt.close(fig)
+
+
+def test_summary_and_summary_plot_return_none_as_the_reference(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reference's ``summary``/``summary_plot`` draw and return ``None``, leaving the
+    figure open in pyplot (its ``plt.show()`` displays it); ``return_figure=True`` returns it."""
+    plt.close("all")
+    shown: list[bool | None] = []
+    monkeypatch.setattr(plt, "show", lambda block=None: shown.append(block))
+    assert summary_plot(CONFS_IND, CONFS_OODS, block=False) is None
+    assert shown == [False]
+    assert len(plt.get_fignums()) == 1
+    assert len(plt.gcf().axes) == 3 + 2
+    assert summary(CONFS_IND, CONFS_OODS, metrics=(AUC(),), show=False) is None
+    assert "Evaluation of 3 scores" in capsys.readouterr().out
+    assert len(plt.get_fignums()) == 2
+    fig = summary(CONFS_IND, CONFS_OODS, show=False, return_figure=True)
+    assert fig is plt.gcf()
+    assert shown == [False]
+    plt.close("all")
 
 
 def test_summary_optimal_only_and_baseline(
@@ -452,7 +502,9 @@ def test_summary_optimal_only_and_baseline(
         optimal_only=True,
         show=False,
         save=tmp_path / "summary.png",
+        return_figure=True,
     )
+    assert fig is not None
     out = " ".join(capsys.readouterr().out.split())
     kept = sorted(best | {2})
     plural = "s" if len(kept) > 1 else ""
@@ -464,7 +516,8 @@ def test_summary_optimal_only_and_baseline(
 
 
 def test_summary_without_metrics_prints_no_table(capsys: pytest.CaptureFixture[str]) -> None:
-    fig = summary(CONFS_IND, CONFS_OODS, optimal_only=True, show=False)
+    fig = summary(CONFS_IND, CONFS_OODS, optimal_only=True, show=False, return_figure=True)
+    assert fig is not None
     assert capsys.readouterr().out == ""
     assert len(fig.axes) == 3 + 2
     plt.close(fig)
@@ -472,9 +525,9 @@ def test_summary_without_metrics_prints_no_table(capsys: pytest.CaptureFixture[s
 
 def test_optimal_rows() -> None:
     evals = np.array([[[0.5, 0.1]], [[0.9, 0.3]], [[0.7, 0.2]], [[0.95, 0.0]]])
-    assert bench._optimal_rows(evals, None, None) == [1, 3]
-    assert bench._optimal_rows(evals, None, 3) == [1, 3]  # baseline kept, not compared
-    assert bench._optimal_rows(evals, (AUC(), FPR()), None) == [3]  # FPR: lower is better
+    assert _optimal_rows(evals, None, None) == [1, 3]
+    assert _optimal_rows(evals, None, 3) == [1, 3]  # baseline kept, not compared
+    assert _optimal_rows(evals, (AUC(), FPR()), None) == [3]  # FPR: lower is better
 
 
 # -- end to end on the tutorial model ----------------------------------------------------------
@@ -505,21 +558,8 @@ def test_end_to_end_on_tutorial_model(tmp_path: Path, capsys: pytest.CaptureFixt
         show=False,
         save=tmp_path / "tutorial.png",
     )
+    assert fig is None  # as the reference; the figure stays open in pyplot
     assert "KNN(k=4)" in capsys.readouterr().out
-    plt.close(fig)
-
-
-@pytest.mark.slow
-def test_example_script_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("skimage", reason="the example crops scikit-image's bundled photos")
-    example = Path(__file__).resolve().parents[2] / "examples" / "visualizing_and_evaluating.py"
-    monkeypatch.setenv("SCIO_EXAMPLE_SAVE", str(tmp_path))
-    monkeypatch.setenv("SCIO_EXAMPLE_N_CALIB", "40")
-    monkeypatch.setenv("SCIO_EXAMPLE_N_TEST", "20")
-    monkeypatch.setattr(sys, "argv", [str(example)])
-    runpy.run_path(str(example), run_name="__main__")
-    for name in ("summary_plot.png", "summary.png"):
-        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     plt.close("all")
 
 

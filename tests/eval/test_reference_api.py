@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from scio.eval import AUC, TPR, compute_metrics, summary, summary_plot, topk_evals
-from scio.eval.classification import benchmark as bench
+from scio.eval.classification.tables import _summary_table
 
 NAN = np.nan
 
@@ -65,7 +65,7 @@ def test_topk_evals_against_naive() -> None:
 
 def _table_text(**kwargs: object) -> str:
     console = Console(file=io.StringIO(), width=200, color_system=None)
-    console.print(bench._summary_table(**kwargs))  # type: ignore[arg-type]
+    console.print(_summary_table(**kwargs))  # type: ignore[arg-type]
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
@@ -89,14 +89,21 @@ CONFS_OODS = (
 LABELS = [f"Score with a rather long descriptive name number {i}" for i in range(5)]
 
 
-def _roc_colors(fig: plt.Figure) -> dict[str, str]:
+def _roc_colors(fig: plt.Figure | None) -> dict[str, str]:
+    assert fig is not None
     roc_ax = fig.axes[-2]
     return {line.get_label(): mpl.colors.to_hex(line.get_color()) for line in roc_ax.lines[1:]}
 
 
 def test_summary_plot_keep_keeps_colours_and_string_labels() -> None:
-    full = summary_plot(CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, show=False)
-    part = summary_plot(CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, keep=[3, 1], show=False)
+    full = summary_plot(
+        CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, show=False, return_figure=True
+    )
+    part = summary_plot(
+        CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, keep=[3, 1], show=False
+    )  # None, as the reference: the figure is pyplot's current one
+    assert part is None
+    part = plt.gcf()
     colors_full, colors_part = _roc_colors(full), _roc_colors(part)
     assert set(colors_part) == {LABELS[3], LABELS[1]}
     for name, color in colors_part.items():
@@ -117,11 +124,16 @@ def test_summary_topk_prunes_table_and_plot(capsys: pytest.CaptureFixture[str]) 
         topk=1,
         baseline=0,
         show=False,
+        return_figure=True,
     )
     out = " ".join(capsys.readouterr().out.split())
     assert f"Evaluation of {len(kept)} score" in out
+    assert fig is not None
     assert len(fig.axes) == len(kept) + 2
-    fig_all = summary(CONFS_IND, CONFS_OODS, metrics=metrics, show=False)  # topk=0: all
+    fig_all = summary(  # topk=0: all
+        CONFS_IND, CONFS_OODS, metrics=metrics, show=False, return_figure=True
+    )
+    assert fig_all is not None
     assert len(fig_all.axes) == 5 + 2
     plt.close("all")
 
@@ -132,7 +144,10 @@ def _bboxes_overlap(a: object, b: object) -> bool:
 
 def test_summary_plot_readable_with_five_scores() -> None:
     """Size from content: titles do not overlap and the ROC legend covers no ROC panel."""
-    fig = summary_plot(CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, show=False)
+    fig = summary_plot(
+        CONFS_IND, CONFS_OODS, scores_and_layers=LABELS, show=False, return_figure=True
+    )
+    assert fig is not None
     width, _ = fig.get_size_inches()
     assert width > plt.rcParams["figure.figsize"][0]  # grows with the number of panels
     fig.canvas.draw()

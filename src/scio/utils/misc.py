@@ -25,6 +25,7 @@ __all__ = [
     "ScoreTimer",
     "ScoreTimerStat",
     "check",
+    "check_not_abstract",
     "format_time",
 ]
 
@@ -37,6 +38,19 @@ def check(condition: object, message: str = "") -> None:
     """Raise ``AssertionError(message)`` when ``condition`` is falsy (never stripped by -O)."""
     if not condition:
         raise AssertionError(message)
+
+
+def check_not_abstract(cls: type) -> None:
+    """Raise the ``TypeError`` of instantiating an abstract class, worded as Python 3.12 and
+    later word it on every version (Python 3.11 says "with abstract method(s) a, b")."""
+    names = sorted(getattr(cls, "__abstractmethods__", ()))
+    if names:
+        plural = "s" if len(names) > 1 else ""
+        msg = (
+            f"Can't instantiate abstract class {cls.__name__} without an implementation for "
+            f"abstract method{plural} " + ", ".join(f"'{name}'" for name in names)
+        )
+        raise TypeError(msg)
 
 
 def format_time(duration: float, num_digits: int = 4) -> str:

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from scio.eval.classification.roc import ROC
 from scio.utils.enums import InterpolationKind, InterpolationKindLike
-from scio.utils.misc import check
+from scio.utils.misc import check, check_not_abstract
 from scio.utils.params import ParamClass
 
 __all__ = [
@@ -89,6 +89,10 @@ class BaseDiscriminativePower(ParamClass):
     _check_annotations: ClassVar[bool] = False
 
     higher_is_better: ClassVar[bool] = True
+
+    def __new__(cls, *_args: Any, **_params: Any) -> BaseDiscriminativePower:
+        check_not_abstract(cls)  # the same message on every Python version
+        return super().__new__(cls)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
