@@ -30,3 +30,13 @@ def fmnist(*, device: str | torch.device = "cpu", pretrained: bool = True) -> nn
 def fmnist_near(*, device: str | torch.device = "cpu", pretrained: bool = True) -> nn.Module:
     """Fashion-MNIST CNN trained without the near-OoD held-out classes, in eval mode."""
     return _models.fmnist_near(pretrained=pretrained, device=device)
+
+
+def vit_fmnist(*, device: str | torch.device = "cpu", pretrained: bool = True) -> nn.Module:
+    """Small Fashion-MNIST Vision Transformer (10 classes), in eval mode."""
+    return _models.vit_fmnist(pretrained=pretrained, device=device)
+
+
+def vit_fmnist_near(*, device: str | torch.device = "cpu", pretrained: bool = True) -> nn.Module:
+    """Fashion-MNIST ViT trained without the near-OoD held-out classes, in eval mode."""
+    return _models.vit_fmnist_near(pretrained=pretrained, device=device)

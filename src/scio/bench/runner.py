@@ -73,6 +73,25 @@ SCORE_FACTORIES: dict[str, ScoreSpec] = {
     "ASH": (S.ASH, (FEATURES,)),
     "SCALE": (S.SCALE, (FEATURES,)),
     "DICE": (S.DICE, (FEATURES,)),
+    "VRA": (S.VRA, (FEATURES,)),
+    "CFOOD": (S.CFOOD, (FEATURES,)),
+    "Relation": (S.Relation, (FEATURES,)),
+    "Residual": (lambda: S.Residual(dim=64), (FEATURES,)),  # OpenOOD's 512 needs d > 512
+    "ReweightOOD": (S.ReweightOOD, (FEATURES,)),
+    "AdaScale-a": (S.AdaScale, (FEATURES,)),
+    "AdaScale-l": (lambda: S.AdaScale(variant="l"), (FEATURES,)),
+    "IODIN": (S.IODIN, ()),
+    "RankFeat": (S.RankFeat, ("block3", "block4")),  # the last two conv blocks
+    "GMM": (  # OpenOOD's weighted layer (flat, PCA to 50, 50 clusters) on the features
+        lambda: S.GMM(
+            num_clusters_list=(50,),
+            feature_type_list=("flat",),
+            alpha_list=(1.0,),
+            reduce_dim_list=("pca_50",),
+        ),
+        (FEATURES,),
+    ),
+    "GROOD": (lambda: S.GROOD(use_proto_mean=True), (FEATURES,)),  # no OoD data at fit
 }
 DEFAULT_SCORES: tuple[str, ...] = tuple(SCORE_FACTORIES)
 
@@ -125,7 +144,14 @@ def _fit(
     names: Sequence[str], proto: Protocol, batch_size: int, show_progress: bool
 ) -> tuple[list[tuple[str, BaseScoreClassif, tuple[str, ...]]], dict[str, str]]:
     """Fit all scores in one shared feature pass; isolate a failing score if any."""
-    specs = [(name, SCORE_FACTORIES[name][0](), SCORE_FACTORIES[name][1]) for name in names]
+    specs = [
+        (
+            name,
+            proto.factories.get(name, SCORE_FACTORIES[name][0])(),
+            tuple(proto.layers.get(layer, layer) for layer in SCORE_FACTORIES[name][1]),
+        )
+        for name in names
+    ]  # the protocol's model may rename the (CNN) layers and replace a factory
     # module names are valid layer specs for the recorder (an extension of (depth, idx))
     pairs: list[Any] = [(score, layers) for _, score, layers in specs]
     try:
@@ -155,6 +181,9 @@ def run_benchmark(
     seed: int = 0,
     show_progress: bool = True,
     console: Console | None = None,
+    loaded: Protocol | None = None,
+    keep_scores: list[BaseScoreClassif] | None = None,
+    model: str = "cnn",
 ) -> BenchResult:
     """Fit ``scores`` on a protocol's calibration data and evaluate them on its OoD sets.
 
@@ -167,6 +196,10 @@ def run_benchmark(
         seed: seed of every subsampling.
         show_progress: rich progress bars.
         console: where to print the summary table (default: stdout).
+        loaded: the protocol's data and model, already loaded (``scio bench --tune``).
+        keep_scores: if given, the fitted scores are appended to it (``result.names`` order).
+        model: the model family, a key of :data:`scio.bench.protocols.MODELS` (``"cnn"``,
+            ``"vit"``); the scores' layers are mapped to its modules.
     """
     if protocol not in PROTOCOLS:
         msg = f"`protocol` must be one of {sorted(PROTOCOLS)} (got {protocol!r})"
@@ -178,11 +211,13 @@ def run_benchmark(
         raise ValueError(msg)
     console = console or Console()
     torch.manual_seed(seed)
-    proto = PROTOCOLS[protocol](n_calib=n_calib, n_test=n_test, seed=seed)
+    proto = loaded or PROTOCOLS[protocol](n_calib=n_calib, n_test=n_test, seed=seed, model=model)
     sets = [proto.ind, *proto.oods]
     forward_s = _forward_time(proto.net, sets, batch_size)
     specs, skipped = _fit(names, proto, batch_size, show_progress)
     fitted = [score for _, score, _ in specs]
+    if keep_scores is not None:
+        keep_scores.extend(fitted)
     fit_s = [sum(s.duration for s in score.timer.calibration) for score in fitted]
     for score in fitted:
         score.reset_timer()
