@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
+import torch
 from torch import Tensor, nn
 
 from scio.recorder.io import reduce_tokens
@@ -33,6 +34,7 @@ __all__ = [
     "last_capture",
     "remember",
     "shared_forward",
+    "usable_shared",
 ]
 
 DepthIdx: TypeAlias = tuple[int, int]
@@ -232,6 +234,34 @@ _SHARED: ContextVar[SharedForward | None] = ContextVar("scio_shared_forward", de
 def current_shared() -> SharedForward | None:
     """The shared forward published in this context, if any."""
     return _SHARED.get()
+
+
+def usable_shared(
+    net: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    rows: tuple[tuple[DepthIdx, int], ...],
+    recording: Sequence[DepthIdx],
+    taps: Mapping[nn.Module, None],
+) -> SharedForward | None:
+    """The shared forward published in this context if a recorder of ``net`` (listing
+    ``rows``, recording ``recording``, tapping ``taps``) called with ``args``/``kwargs`` may
+    take its results from it: same network, the very same single input object, no autograd,
+    and every layer and tap it needs captured."""
+    shared = _SHARED.get()
+    if (
+        shared is None
+        or shared.net is not net
+        or len(args) != 1
+        or kwargs
+        or args[0] is not shared.inputs
+        or torch.is_grad_enabled()
+        or shared.rows != rows
+        or any(depth_idx not in shared.activations for depth_idx in recording)
+        or any(module not in shared.tapped for module in taps)
+    ):
+        return None
+    return shared
 
 
 class shared_forward:  # noqa: N801 - used as a context manager, like torch.no_grad

@@ -28,6 +28,7 @@ from scio.recorder.capture import (
     remember,
     running,
     shared_forward,
+    usable_shared,
 )
 from scio.recorder.io import (
     OutputSpec,
@@ -303,22 +304,6 @@ class Recorder(nn.Module):
         capture = last_capture(self._owner)
         return MappingProxyType({} if capture is None else capture.tapped)
 
-    def _from_shared(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SharedForward | None:
-        shared = current_shared()
-        if (
-            shared is None
-            or shared.net is not self._net
-            or len(args) != 1
-            or kwargs
-            or args[0] is not shared.inputs
-            or torch.is_grad_enabled()
-            or shared.rows != self._rows_key
-            or any(depth_idx not in shared.activations for depth_idx in self._recording)
-            or any(module not in shared.tapped for module in self._taps)
-        ):
-            return None
-        return shared
-
     # -- forward ----------------------------------------------------------------------------
     def forward(
         self,
@@ -352,7 +337,9 @@ class Recorder(nn.Module):
         belongs to this call alone; it is also the current thread's :attr:`activations`."""
         owner = self._owner
         if activation_postproc is None and current_shared() is not None:
-            shared = self._from_shared(args, kwargs)
+            shared = usable_shared(
+                self._net, args, kwargs, self._rows_key, self._recording, self._taps
+            )
             if shared is not None:
                 capture = Capture(owner, self._record_seqs, self._taps)
                 if not dont_record:
@@ -431,32 +418,6 @@ class Recorder(nn.Module):
         if self._tail is None:
             self._tail = Tail(self)
         return self._tail.run(inputs, tuple(activations), activation_postproc)
-
-    def _run_tail(
-        self,
-        graph: Callable[[Any], Any],
-        start: int,
-        activation: Any,
-        activation_postproc: Postprocessor | Sequence[Postprocessor] | None,
-    ) -> Any:
-        """Run ``graph`` (the network downstream of row ``start - 1``, a function of that
-        row's output ``activation``) with ``activation_postproc`` applied to the recorded
-        layers, the first one included."""
-        seqs: dict[nn.Module, list[tuple[DepthIdx, bool]]] = {}
-        recorded = set(self._recording)
-        for depth_idx, module in self._rows[start:]:
-            seqs.setdefault(module, []).append((depth_idx, depth_idx in recorded))
-        capture = Capture(
-            self._owner, seqs, {}, activation_postproc, dont_record=True, n_recorded=len(recorded)
-        )
-        first = capture.single
-        if capture.postprocs is not None:
-            first = next(capture.postprocs, None)
-        if first is not None:
-            shaped = first(activation)
-            activation = activation if shaped is None else shaped
-        with running(capture):
-            return graph(activation)
 
     # -- misc -------------------------------------------------------------------------------
     def remove_hooks(self) -> None:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx, nn
 
+from scio.recorder.capture import Capture, running
+
 if TYPE_CHECKING:
     from scio.recorder import Postprocessor, Recorder
 
@@ -173,14 +175,14 @@ class Tail:
                     self._verify(rnet, inputs, activations)
         graph = self._graph  # read once: a concurrent fallback cannot swap it mid-call
         if graph is not None and activations:
-            return rnet._run_tail(graph, self._start, activations[0], activation_postproc)
+            return _run_graph(rnet, graph, self._start, activations[0], activation_postproc)
         return rnet(inputs, activation_postproc=activation_postproc, dont_record=True)
 
     def _verify(self, rnet: Recorder, inputs: Tensor, activations: tuple[Tensor, ...]) -> None:
         assert self._graph is not None
         try:
             probe = activations[0][:2]
-            plain = rnet._run_tail(self._graph, self._start, probe, None)
+            plain = _run_graph(rnet, self._graph, self._start, probe, None)
             full = rnet(inputs[:2], dont_record=True)
         except Exception as exc:
             self._fallback(f"the tail failed to run ({type(exc).__name__}: {exc})")
@@ -189,3 +191,30 @@ class Tail:
                 self._verified = True
             else:
                 self._fallback("the tail does not reproduce the network output")
+
+
+def _run_graph(
+    rnet: Recorder,
+    graph: Callable[[Any], Any],
+    start: int,
+    activation: Any,
+    activation_postproc: Postprocessor | Sequence[Postprocessor] | None,
+) -> Any:
+    """Run ``graph`` (the network downstream of row ``start - 1``, a function of that row's
+    output ``activation``) under its own per-call capture, with ``activation_postproc``
+    applied to the recorded layers, the first one included."""
+    seqs: dict[nn.Module, list[tuple[Any, bool]]] = {}
+    recorded = set(rnet.recording)
+    for depth_idx, module in rnet._rows[start:]:
+        seqs.setdefault(module, []).append((depth_idx, depth_idx in recorded))
+    capture = Capture(
+        rnet._owner, seqs, {}, activation_postproc, dont_record=True, n_recorded=len(recorded)
+    )
+    first = capture.single
+    if capture.postprocs is not None:
+        first = next(capture.postprocs, None)
+    if first is not None:
+        shaped = first(activation)
+        activation = activation if shaped is None else shaped
+    with running(capture):
+        return graph(activation)
