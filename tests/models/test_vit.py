@@ -258,6 +258,7 @@ def test_bench_unknown_model() -> None:
 
 @pytest.mark.slow
 @needs_fmnist
+@weights_shipped
 def test_bench_near_on_the_vit() -> None:
     from rich.console import Console
 

@@ -150,7 +150,9 @@ def test_vit_features_give_the_papers_formulas() -> None:
     fdbd = scores.fDBD().fit(rnet, calib)
     expected = fdbd_conformity(logits, test_feats, fdbd_inverse_gaps(weight), center)
     torch.testing.assert_close(fdbd(test)[1][:, 0], expected.float())
-    nci = scores.NCI().fit(rnet, calib)
+    nci = scores.NCI(
+        proximity="cosine", alpha=0.0
+    )  # the formula of nci_conformity.fit(rnet, calib)
     expected = nci_conformity(logits, test_feats, weight, center, 0.0)
     torch.testing.assert_close(nci(test)[1][:, 0], expected.float())
 

@@ -115,11 +115,15 @@ class ScoreModule(nn.Module):
         return self._eager(x)
 
     def _eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x).all()):
-            return self._run(x)[0]
-        bad = nonfinite_rows(x)
-        if bad is None:
-            return self._run(x)[0]
+        if x.is_floating_point() or x.is_complex():
+            total = x.sum()  # one reduction: NaN or infinite iff a value is (or it overflows)
+            if not bool(total - total == 0):
+                bad = nonfinite_rows(x)  # the exact check, as score(x)
+                if bad is not None:
+                    return self._finite_rows(x, bad)
+        return self._run(x)[0]
+
+    def _finite_rows(self, x: Tensor, bad: Tensor) -> tuple[Tensor, Tensor]:
         # the score runs on the finite samples alone, exactly as score(x) (extra passes)
         call = Call(self.__dict__["_replay"], None, None, (), ())
         call.parent = ACTIVE.get()

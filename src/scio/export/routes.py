@@ -277,7 +277,7 @@ def _written(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(target, temporary path next to it)``: files are written whole or not at all."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target, target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    return target, target.with_name(f".scio-{uuid.uuid4().hex}-{target.name}")  # same suffix
 
 
 def save_program(
