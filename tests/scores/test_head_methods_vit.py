@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from scio import scores
 from scio.recorder import Recorder
 from scio.scores.classification.fdbd import fdbd_conformity, fdbd_inverse_gaps
-from scio.scores.classification.nci import nci_conformity
 from scio.scores.core.calibration import CalibBatch
 
 DIM, N_CLASSES = 16, 5
@@ -150,11 +149,6 @@ def test_vit_features_give_the_papers_formulas() -> None:
     fdbd = scores.fDBD().fit(rnet, calib)
     expected = fdbd_conformity(logits, test_feats, fdbd_inverse_gaps(weight), center)
     torch.testing.assert_close(fdbd(test)[1][:, 0], expected.float())
-    nci = scores.NCI(
-        proximity="cosine", alpha=0.0
-    )  # the formula of nci_conformity.fit(rnet, calib)
-    expected = nci_conformity(logits, test_feats, weight, center, 0.0)
-    torch.testing.assert_close(nci(test)[1][:, 0], expected.float())
 
 
 def test_no_linear_head_after_the_recorded_layer() -> None:
