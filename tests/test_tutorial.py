@@ -126,6 +126,11 @@ def test_visualizing_and_evaluating_tutorial(monkeypatch: pytest.MonkeyPatch) ->
     assert namespace["confs_ind"].shape == (4, 1000)
     assert [c.shape for c in namespace["confs_oods"]] == [(4, 1000)] * 3
     assert output.count("----") == 4
+    flat = " ".join(output.split())
+    assert re.search(r"\d:\d\d:\d\d Fitting Scores\.\.\. \(1000 samples\) ━+ 4/4 Done", flat)
+    assert re.search(r"\d:\d\d:\d\d Computing confidences\.\.\. ━+ 4/4 Done", flat)
+    assert "Evaluation of 4 scores against 3 OoD sets and 2 metrics:" in flat
+    assert "AUC(max_fpr=0.2) / TPR(max_fpr=0.05)" in flat
     reference = (REFERENCE_OUTPUTS / "visualizing_and_evaluating.out").read_text()
     _assert_same_lines(output, reference)
 

@@ -83,3 +83,28 @@ def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch, tmp_pa
     with pytest.raises(ImportError, match=r"onnxscript.*scio\[export\]"):
         export_onnx(as_module(fit(BY_NAME["Softmax"])), EXAMPLE, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class _SvdNet(torch.nn.Module):
+    """A network with an operator ONNX has no form of (singular values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y + torch.linalg.svdvals(y.reshape(y.shape[0], 2, 2)).sum(1, keepdim=True)
+
+
+@needs_onnx
+def test_an_operator_onnx_lacks_is_named_and_nothing_written(tmp_path: Path) -> None:
+    from scio.recorder import Recorder
+    from scio.scores import Energy
+
+    net = _SvdNet().eval()
+    calib = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    module = as_module(Energy().fit(Recorder(net, input_data=calib[:1]), calib))
+    with pytest.raises(ExportError, match="no translation of the operator aten._linalg_svd"):
+        export_onnx(module, calib[:4], tmp_path / "svd.onnx")
+    assert list(tmp_path.iterdir()) == []
