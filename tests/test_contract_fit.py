@@ -5,7 +5,8 @@ A ``fit`` that raises names the argument, the expected and the actual value, and
 score exactly as it was (still unfit, or still holding its previous fitted state and giving
 the same results) and the network untouched. Non-finite calibration samples are dropped with
 their labels and one warning (the fit equals a fit on the finite samples), or refused.
-Hyper-parameters out of range raise ``ParamError`` at construction and at ``set_params``.
+Hyper-parameters out of range raise ``ParamError`` at construction and at ``set_params``;
+``act_norm`` alone is checked at ``fit``, with an empty message, as the reference's tests pin.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ BAD_FITS: list[Case] = [
         lambda: ([(C[:5], Y[:5], None)],),
         {},
         (TypeError,),
-        r"Calibration batch 0 must be a tensor or an \(inputs, labels\) pair \(got tuple\)",
+        r"Calibration batch 0 must be a tensor, a dict batch or an \(inputs, labels\) pair "
+        r"\(got tuple\)",
         False,
     ),
     ("empty", lambda: (C[:0], Y[:0]), {}, (ValueError,), r"at least one sample", False),
@@ -307,7 +309,6 @@ def test_fit_jointly_drops_refuses_and_restores() -> None:
 #: Values no score may accept for a parameter of this name (new scores are covered as soon as
 #: they declare one).
 UNIVERSAL_BAD: dict[str, list[Any]] = {
-    "act_norm": [0.0, math.nan],
     "temperature": [0.0, -1.0, math.nan],
     "k": [0, -3],
     "fgm_norm": [0.5, 0.0, math.nan],
@@ -350,7 +351,7 @@ def test_hyper_parameters_are_checked_when_set(entry: Entry) -> None:
     score = fit.score
     params = score.params
     before = score_snapshot(score)
-    n_checked = 0
+    checked: set[str] = set()
     for name, values in UNIVERSAL_BAD.items():
         if name not in params:
             continue
@@ -362,7 +363,7 @@ def test_hyper_parameters_are_checked_when_set(entry: Entry) -> None:
             )
             with pytest.raises(ParamError):  # atomic: nothing is set, the score stays fit
                 score.set_params(mode="diff", **{name: value})
-            n_checked += 1
+            checked.add(name)
     # every declared range is enforced
     for name in params:
         valid = type(score)._range_of(name)
@@ -378,10 +379,44 @@ def test_hyper_parameters_are_checked_when_set(entry: Entry) -> None:
             pattern = rf"`{name}`.* must .*\(got {re.escape(repr(value))}\)"
             with pytest.raises(ParamError, match=pattern):
                 score._check_param_value(name, value)
-            n_checked += 1
+            checked.add(name)
     assert_score_untouched(score, before)
     assert score.is_fit
-    assert n_checked > 0 or "act_norm" not in params
+    # not vacuous: a range was probed here, or the score's ranges have their case in NAMED
+    ranged = {name for name in params if type(score)._range_of(name) is not None}
+    named = {next(iter(p)) for n, p, _ in NAMED if n == entry.name}
+    assert checked or ranged <= named, ranged - named
+    assert type(score)._range_of("act_norm") is None  # checked at fit (next test)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_act_norm_is_checked_at_fit_with_an_empty_message(entry: Entry) -> None:
+    """The reference accepts ``act_norm = nan`` (or 0) when set, and ``fit`` raises an
+    ``AssertionError`` with an empty message (its ``test_sanitizes_act_norm``): scio raises a
+    ``ParamError`` (an ``AssertionError``) there, from a line that says what is wrong."""
+    fit = fitted(entry)
+    calib, labels, _ = data()
+    net_before = net_snapshot(fit.rnet.net)
+    for bad, why in ((0.0, "must not be 0"), (0, "must not be 0"), (math.nan, "must not be NaN")):
+        score = entry.make(act_norm=bad)  # accepted at construction...
+        score.set_params(act_norm=bad)  # ... and at every assignment
+        score.act_norm = bad
+        before = score_snapshot(score)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. classes absent from the tiny data
+            with pytest.raises(ParamError, match="^$") as info:
+                score.fit(fit.rnet, calib, labels)
+        assert isinstance(info.value, AssertionError) and isinstance(info.value, ValueError)
+        assert str(info.value) == ""
+        lines = [str(frame.statement).strip() for frame in info.traceback]
+        assert any(f"`act_norm` {why}" in line for line in lines), lines
+        assert not score.is_fit
+        assert_score_untouched(score, before)
+    assert_net_untouched(fit.rnet.net, net_before)
+    valid = entry.make(act_norm=math.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert valid.fit(fit.rnet, calib, labels).is_fit  # any other number is valid
 
 
 @pytest.mark.parametrize(

@@ -42,8 +42,18 @@ def _paused_gc() -> Iterator[None]:
 
 #: (class of bad input, how to make it from a good batch, exception types, message pattern)
 BAD_INPUTS: list[tuple[str, Callable[[Tensor], Any], tuple[type[Exception], ...], str]] = [
-    ("numpy", lambda x: x.numpy(), (TypeError,), r"`inputs` must be a torch.Tensor \(got ndarray"),
-    ("list", lambda x: x.tolist(), (TypeError,), r"`inputs` must be a torch.Tensor \(got list\)"),
+    (
+        "numpy",
+        lambda x: x.numpy(),
+        (TypeError,),
+        r"`inputs` must be a torch.Tensor or a dict of tensors \(got ndarray",
+    ),
+    (
+        "list",
+        lambda x: x.tolist(),
+        (TypeError,),
+        r"`inputs` must be a torch.Tensor or a dict of tensors \(got list\)",
+    ),
     ("scalar", lambda x: x[0, 0, 0, 0], (ValueError,), r"at least one sample \(got shape \(\)\)"),
     ("empty", lambda x: x[:0], (ValueError,), r"at least one sample \(got shape \(0, 1, 4, 4\)"),
     (

@@ -17,13 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scio.recorder import Recorder
 from scio.scores.classification import jtla as jtla_module
-from scio.scores.classification.jtla import (
-    JTLA,
-    multinomial_tests,
-    parse_layer_aggregation,
-)
-from scio.scores.utils import multinomial_test
-from scio.utils.enums import EnumWithExplicitSupport, MultinomialTestMode
+from scio.scores.classification.jtla import JTLA, parse_layer_aggregation
+from scio.scores.utils import jtla_stats, multinomial_test
+from scio.utils.enums import EnumWithExplicitSupport
 
 LAYERS = ((1, 2), (1, 4), (1, 5))
 N_CLASSES = 3
@@ -331,27 +327,6 @@ def test_jtla_dtypes(dtype: torch.dtype) -> None:
         torch.testing.assert_close(score(test)[1].double(), expected, atol=1e-2, rtol=1e-2)
 
 
-def test_multinomial_tests_match_utils() -> None:
-    generator = torch.Generator().manual_seed(0)
-    obs = torch.randint(0, 5, (9, N_CLASSES), generator=generator).double()
-    obs[:, -1] = 6 - obs[:, :-1].sum(1).clamp(max=6)
-    obs[:, 0] += 6 - obs.sum(1)
-    obs[3] = math.nan
-    reference = torch.randint(0, 6, (12, N_CLASSES), generator=generator).double()
-    groups = torch.tensor([0] * 5 + [1] * 7)  # class 2 has no reference sample
-    prior = torch.tensor([[1.0, 2.0, 0.5], [0.2, 1.0, 3.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
-    for mode in MultinomialTestMode:
-        sums = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.float64)
-        sums.index_add_(0, groups, reference)
-        params = {"mle": sums, "map": sums + prior - 1, "dcm": sums + prior}[mode.value]
-        result = multinomial_tests(obs, params, mode)
-        for c in range(N_CLASSES):
-            test = multinomial_test(reference[groups == c], prior[c], mode)
-            expected = test(obs)
-            expected = expected.masked_fill(expected.isnan() | (expected == INF), INF)
-            torch.testing.assert_close(result[c], expected)
-
-
 def test_jtla_batches_equal_tensor() -> None:
     rnet, calib, labels, test = _setup(n=40)
     for aggregation in ("fisher:1,2", "lpe"):
@@ -486,6 +461,6 @@ def test_jtla_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
         "class_aggregation": "adv",
     }
     expected = JTLA(**params).fit(rnet, calib, labels)(test)[1]
-    monkeypatch.setattr(jtla_module, "_MAX_TEST_ELEMENTS", 20)
-    monkeypatch.setattr(jtla_module, "_MAX_COMPARE_ELEMENTS", 500)
+    monkeypatch.setattr(jtla_stats, "_MAX_TEST_ELEMENTS", 20)
+    monkeypatch.setattr(jtla_stats, "_MAX_COMPARE_ELEMENTS", 500)
     torch.testing.assert_close(JTLA(**params).fit(rnet, calib, labels)(test)[1], expected)

@@ -11,6 +11,7 @@ from torch import nn
 from scio import scores
 from scio.recorder import Recorder
 from scio.scores.classification import deepmahalanobis
+from scio.scores.utils import covariance
 
 
 class _WideConv(nn.Module):
@@ -61,7 +62,7 @@ def test_pooled_layer_fits_without_warning() -> None:
 
 
 def test_large_covariance_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deepmahalanobis, "_WARN_BYTES", 1000)
+    monkeypatch.setattr(covariance, "_WARN_BYTES", 1000)
     net = _WideConv().eval()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rnet = Recorder(net, input_data=x[:1])

@@ -22,13 +22,16 @@ __all__ = [
     "OutputSpec",
     "TokenReduction",
     "batch_size",
+    "batch_tensors",
     "check_output_spec",
     "check_token",
     "concat_batches",
+    "map_tensors",
     "read_output",
     "reduce_tokens",
     "split_labels",
     "take_rows",
+    "unwrap_single",
 ]
 
 Batch: TypeAlias = "Tensor | Mapping[str, Any]"
@@ -124,6 +127,32 @@ def batch_size(inputs: Any, *, name: str = "inputs") -> int:
         return size
     msg = f"`{name}` must be a torch.Tensor or a dict of tensors (got {type(inputs).__name__})"
     raise TypeError(msg)
+
+
+def batch_tensors(inputs: Any) -> dict[str, Tensor]:
+    """The batched tensors of a batch by name (a tensor batch: one, named ``""``)."""
+    if isinstance(inputs, Tensor):
+        return {"": inputs}
+    return {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.ndim > 0}
+
+
+def map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every batched tensor of a tensor or dict batch."""
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    return {k: fn(v) if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in inputs.items()}
+
+
+def unwrap_single(inputs: Any, key: str | None) -> Any:
+    """The tensor of a dict batch holding only ``key`` (a recorder built on a one-tensor
+    dict, e.g. ``{"pixel_values": x}``, calls the network with a bare tensor under that
+    key); anything else unchanged. Scores then treat such a batch as the tensor it is, so
+    that input-space methods (ODIN, Feature Squeezing, ...) work on it."""
+    if key is not None and isinstance(inputs, Mapping) and len(inputs) == 1 and key in inputs:
+        value = inputs[key]
+        if isinstance(value, Tensor):
+            return value
+    return inputs
 
 
 def take_rows(inputs: Any, rows: Any) -> Any:

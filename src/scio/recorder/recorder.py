@@ -46,6 +46,7 @@ from scio.recorder.layers import (
     rows_key,
     summarize,
 )
+from scio.recorder.taps import InputTaps
 
 __all__ = [
     "Capture",
@@ -83,7 +84,7 @@ def _compiled_original(net: nn.Module) -> nn.Module | None:
     return original if isinstance(original, nn.Module) else None
 
 
-class Recorder(nn.Module):
+class Recorder(InputTaps, nn.Module):
     """Wrap ``net`` to record the outputs of chosen layers during forward passes.
 
     Args:
@@ -118,6 +119,8 @@ class Recorder(nn.Module):
     _inner: nn.Module
     _output: OutputSpec
     _keyword_inputs: bool
+    _input_keys: tuple[str, ...] | None
+    _input_key: str | None
     _owner: object
 
     def __init__(
@@ -155,6 +158,12 @@ class Recorder(nn.Module):
         # a dict batch is passed as keyword arguments, as torchinfo does
         keyword_inputs = isinstance(kwargs.get("input_data"), Mapping)
         self.__dict__["_keyword_inputs"] = keyword_inputs
+        data: Any = kwargs.get("input_data")
+        self.__dict__["_input_keys"] = tuple(data) if keyword_inputs else None
+        # a one-tensor dict batch ({"pixel_values": x}): a bare tensor goes under its key
+        self.__dict__["_input_key"] = (
+            next(iter(data)) if keyword_inputs and len(data) == 1 else None
+        )
         if force_static_flow and not keyword_inputs:
             # torch.fx cannot trace keyword-driven models (Hugging Face): for those, every
             # forward checks instead that each recorded module fired as listed
@@ -274,35 +283,24 @@ class Recorder(nn.Module):
     @property
     def activations(self) -> Mapping[DepthIdx, Any]:
         """Read-only activations of the latest forward pass *in the current thread* (or
-        asyncio task), in firing order; empty before any. Each call's activations belong to
+        asyncio task), in firing order; empty before any. Inside a call (e.g. in a
+        post-processor), that call's activations so far. Each call's activations belong to
         that call (see :meth:`capture`), so concurrent calls never see each other's."""
-        capture = last_capture(self._owner)
+        capture = active(self._owner) or last_capture(self._owner)  # a running call: so far
         return _EMPTY if capture is None else capture.view()
 
-    # -- input taps (internal: the heads of head-based scores) -------------------------------
-    def _tap(self, *modules: nn.Module) -> None:
-        """Also keep the (first) input of ``modules`` at every forward (see ``_tapped``)."""
-        known = {module for _, module in self._rows}
-        for module in modules:
-            if module not in known:
-                msg = f"Cannot tap {type(module).__name__}: it is not a layer of the network"
-                raise ValueError(msg)
-            self._taps[module] = None
-        self._sync_hooks()
-
     @property
-    def _tapped_inputs(self) -> dict[nn.Module, Any]:
-        """(First) input of each tapped module at its latest call in the latest forward of
-        the current thread."""
-        capture = last_capture(self._owner)
-        return {} if capture is None else capture.tapped_inputs
+    def _activations(self) -> dict[DepthIdx, Any]:
+        """The reference's private name of :attr:`activations` (its tests assign it)."""
+        return dict(self.activations)
 
-    @property
-    def _tapped_calls(self) -> Mapping[nn.Module, list[tuple[Any, Any]]]:
-        """``(input, output)`` of every call of each tapped module in the latest forward of
-        the current thread."""
-        capture = last_capture(self._owner)
-        return MappingProxyType({} if capture is None else capture.tapped)
+    @_activations.setter
+    def _activations(self, value: Mapping[DepthIdx, Any]) -> None:
+        """Replace the activations of this thread's *running* call (e.g. from one of its
+        post-processors); outside a call, nothing changes (no state on the recorder)."""
+        capture = active(self._owner)
+        if capture is not None:
+            capture.activations = dict(value)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
@@ -356,6 +354,8 @@ class Recorder(nn.Module):
             batch = args[0]
             if isinstance(batch, Mapping):  # a dict batch: the network is called with **batch
                 args, kwargs = (), dict(batch)
+            elif state["_input_key"] is not None:
+                args, kwargs = (), {state["_input_key"]: batch}
         capture = Capture(
             owner,
             self._record_seqs,
@@ -391,11 +391,11 @@ class Recorder(nn.Module):
     def _plain_call(self, inputs: Any) -> Any:
         """The network's logits for ``inputs`` (a tensor or dict batch), recording nothing:
         the uncompiled network, called as the recorder calls it."""
-        raw = (
-            self._inner(**inputs)
-            if self._keyword_inputs and isinstance(inputs, Mapping)
-            else (self._inner(inputs))
-        )
+        key = self.__dict__["_input_key"]
+        if self._keyword_inputs and isinstance(inputs, Mapping):
+            raw = self._inner(**inputs)
+        else:
+            raw = self._inner(inputs) if key is None else self._inner(**{key: inputs})
         return read_output(raw, self._output)
 
     def shaped_forward(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -23,6 +22,13 @@ from scio.scores.core.input_grad import (
 )
 from scio.scores.core.validation import ParamRange, param_ranges
 from scio.scores.utils import batched_grad, fgm_direction, normalize_samples
+from scio.scores.utils.covariance import (
+    check_covariance_memory,
+    compute_dtype,
+    mahalanobis_distances,
+    precision_matrix,
+    whitening_matrix,
+)
 from scio.utils.misc import check
 
 __all__ = ["DeepMahalanobis"]
@@ -30,98 +36,8 @@ __all__ = ["DeepMahalanobis"]
 _F64 = torch.float64
 #: Hyper-parameters used at inference only: changing them keeps the score fit.
 _INFERENCE_PARAMS = frozenset({"epsilon", "fgm_norm", "weights", "max_batch"})
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64, everything else is computed in float32."""
-    return _F64 if dtype == _F64 else torch.float32
-
-
-def _eigh(cov: Tensor, raw_scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Eigen-decomposition of a symmetric float64 matrix, with its numerically kept part.
-
-    Returns ``(eigenvalues, eigenvectors, keep)`` where ``keep`` marks the eigenvalues above
-    ``d · eps · max(λ_max, raw_scale)`` (``raw_scale`` accounts for the cancellation error
-    of a covariance derived from raw second moments), or ``None`` if ``cov`` is not finite.
-    """
-    if not bool(cov.isfinite().all()):
-        return None
-    cov = (cov + cov.T) / 2
-    eigvals, eigvecs = torch.linalg.eigh(cov)
-    d = cov.shape[0]
-    top = float(eigvals.abs().max()) if d else 0.0
-    tol = max(d, 1) * torch.finfo(_F64).eps * max(top, raw_scale)
-    return eigvals, eigvecs, eigvals > tol
-
-
-def _whitening(cov: Tensor, raw_scale: float, where: str) -> Tensor:
-    """``W`` (``d × r``, float64) with ``W Wᵀ`` the inverse (or pseudo-inverse) of ``cov``.
-
-    Warns (naming ``where``) when ``cov`` is singular (pseudo-inverse used) or not finite
-    (NaN matrix returned).
-    """
-    d = cov.shape[0]
-    decomposition = _eigh(cov, raw_scale)
-    if decomposition is None:
-        warnings.warn(
-            f"Non-finite {where}: its Mahalanobis distances are NaN (conformity -inf). "
-            "Calibration needs at least two samples with finite features",
-            UserWarning,
-            stacklevel=2,
-        )
-        return torch.full((d, d), math.nan, dtype=_F64, device=cov.device)
-    eigvals, eigvecs, keep = decomposition
-    rank = int(keep.sum())
-    if rank < d:
-        warnings.warn(
-            f"Singular {where} (numerical rank {rank} < dimension {d}): using its pseudo-inverse",
-            UserWarning,
-            stacklevel=2,
-        )
-    return eigvecs[:, keep] * eigvals[keep].rsqrt()
-
-
 #: Rows of a batch converted to float64 at once: ``_CHUNK_ELEMENTS / d`` (128 MiB of float64).
 _CHUNK_ELEMENTS = 2**24
-#: Float64 ``d × d`` matrices alive at the end of calibration (running ``Σ z zᵀ``, covariance,
-#: its symmetrised copy, eigenvectors, whitening), per covariance.
-_MATRICES_PER_COVARIANCE = 5
-#: Above this estimate (bytes), calibration warns before allocating.
-_WARN_BYTES = 2 * 2**30
-
-
-def _available_bytes(device: torch.device) -> int | None:
-    """Total memory of ``device`` (physical RAM for the CPU), ``None`` if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_covariance_memory(score: str, layer: str, feats: Tensor, device: torch.device) -> None:
-    """Raise ``MemoryError`` (more than the device has) or warn (over 2 GiB) before a layer's
-    float64 covariance is allocated, naming the layer, its size and the fix."""
-    d = math.prod(feats.shape[1:])
-    n_cov = 2 if score == "RelativeMahalanobis" else 1
-    estimate = d * d * 8 * _MATRICES_PER_COVARIANCE * n_cov
-    available = _available_bytes(device)
-    if estimate <= _WARN_BYTES and (available is None or estimate <= available):
-        return
-    msg = (
-        f"{score}: recorded layer {layer} has {d} features per sample "
-        f"(flattened {tuple(feats.shape[1:])}); its float64 covariance statistics need about "
-        f"{estimate / 2**30:.1f} GiB ({d}² · 8 bytes × {_MATRICES_PER_COVARIANCE * n_cov} "
-        f"matrices) and a {d} × {d} eigendecomposition. Fix: record a pooled layer "
-        "instead (e.g. the global-average-pooling output), or pool this one (a module "
-        "returning `a.mean(dim=(2, 3))`, or the Recorder's `activation_postproc` at "
-        "inference), or record another (smaller) layer"
-    )
-    if available is not None and estimate > available:
-        msg += f" (the {device.type} device has {available / 2**30:.1f} GiB)"
-        raise MemoryError(msg)
-    warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def _rescaled_grad(objective: Tensor, z: Tensor, x: Tensor) -> Tensor:
@@ -258,60 +174,9 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         features = self._features(raw)
         return (torch.cat(features, dim=1),) if concatenate else features
 
-    # -- public static helpers ----------------------------------------------------------------
-    @staticmethod
-    def compute_mahalanobis(
-        samples: Tensor, mu: Tensor, precision: Tensor, *, product: bool = True
-    ) -> Tensor:
-        """Squared Mahalanobis distances ``(x - μ)ᵀ P (x - μ)``.
-
-        Args:
-            samples: ``(n, d)`` samples.
-            mu: ``(m, d)`` means. With ``product=False`` it broadcasts against ``samples``
-                (e.g. ``(n, d)``: one mean per sample, or ``(d,)``).
-            precision: ``(d, d)`` precision matrix (only its symmetric part matters).
-            product: ``True``: distance of every sample to every mean, ``(n, m)``, computed
-                with matrix products (no ``(n, m, d)`` tensor). ``False``: row-wise distance
-                of each sample to its own mean, ``(n,)``.
-
-        Returns:
-            Distances with the dtype of ``samples`` (half precision computed in float32).
-            NaN means give NaN distances.
-        """
-        dtype = samples.dtype
-        cdtype = _compute_dtype(dtype)
-        x = samples.to(cdtype)
-        means = mu.to(device=x.device, dtype=cdtype)
-        prec = precision.to(device=x.device, dtype=cdtype)
-        prec = (prec + prec.T) / 2
-        if not product:
-            diff = x - means
-            return ((diff @ prec) * diff).sum(dim=-1).to(dtype)
-        # Shift both sides by a common point (differences unchanged, less cancellation).
-        shift = means.nanmean(dim=0).nan_to_num(0.0)
-        x, means = x - shift, means - shift
-        x_prec = x @ prec
-        sq_x = (x_prec * x).sum(dim=1, keepdim=True)
-        sq_mu = ((means @ prec) * means).sum(dim=1)
-        return (sq_x - 2 * (x_prec @ means.T) + sq_mu).to(dtype)
-
-    @staticmethod
-    def compute_precision(residues: Tensor) -> Tensor:
-        """Inverse of the (unbiased, ``N - 1``) covariance of ``residues`` ``(N, d)``.
-
-        Computed in float64 and returned with the dtype of ``residues``. As in the reference,
-        a singular (numerical rank ``< d``) or non-finite covariance gives an all-NaN
-        ``(d, d)`` matrix; the score itself falls back to the pseudo-inverse instead.
-        """
-        dtype = residues.dtype if residues.is_floating_point() else torch.float32
-        flat = residues.reshape(len(residues), -1).to(_F64)
-        d = flat.shape[1]
-        cov = flat.T.cov().reshape(d, d)
-        decomposition = _eigh(cov)
-        if decomposition is None or not bool(decomposition[2].all()):
-            return torch.full((d, d), math.nan, dtype=dtype, device=residues.device)
-        eigvals, eigvecs, _ = decomposition
-        return ((eigvecs / eigvals) @ eigvecs.T).to(dtype)
+    # -- public static helpers (the reference's API) -----------------------------------------
+    compute_mahalanobis = staticmethod(mahalanobis_distances)
+    compute_precision = staticmethod(precision_matrix)
 
     # -- calibration --------------------------------------------------------------------------
     def _calib_update(self, batch: CalibBatch) -> None:
@@ -324,8 +189,12 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         for layer, feats in enumerate(features):
             flat = feats.reshape(len(feats), -1)
             if f"outer{layer}" not in state:  # first batch: refuse or warn before allocating
-                _check_covariance_memory(
-                    type(self).__name__, self._layer_name(layer), feats, flat.device
+                check_covariance_memory(
+                    type(self).__name__,
+                    self._layer_name(layer),
+                    feats,
+                    flat.device,
+                    n_covariances=2 if self._relative else 1,
                 )
             d = flat.shape[1]
             ids = labels.to(flat.device)
@@ -361,7 +230,7 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
             diagonal = outer.diagonal()
             raw_scale = float(diagonal.max()) / max(n_total - 1.0, 1.0) if len(diagonal) else 0.0
             cov = (outer - scaled.T @ scaled) / (n_total - 1)
-            whitening = _whitening(cov, raw_scale, f"covariance matrix at layer {name}")
+            whitening = whitening_matrix(cov, raw_scale, f"covariance matrix at layer {name}")
             means.append(class_means)
             centers.append(center)
             whitenings.append(whitening)
@@ -369,7 +238,7 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
             if self._relative:
                 background_cov = (outer - n_total * torch.outer(center, center)) / (n_total - 1)
                 where = f"background covariance matrix at layer {name}"
-                backgrounds.append(_whitening(background_cov, raw_scale, where))
+                backgrounds.append(whitening_matrix(background_cov, raw_scale, where))
             layer += 1
         self.__dict__.pop("_layer_ids", None)
         self.means: tuple[Tensor, ...] = tuple(means)
@@ -427,15 +296,17 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
         return weights
 
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        cdtype = _compute_dtype(inputs.dtype)
         if self.epsilon == 0:
             out = self.rnet(inputs)
+            # float64 work for float64 inputs (a dict batch: for a float64 network)
+            cdtype = compute_dtype(inputs.dtype if isinstance(inputs, Tensor) else out.dtype)
             features = self._features(tuple(self.rnet.activations.values()))
             d2 = [
                 self._class_d2(layer, feats.reshape(feats.shape[0], -1).to(cdtype))
                 for layer, feats in enumerate(features)
             ]
         else:
+            cdtype = compute_dtype(inputs.dtype)
             out, d2 = self._perturbed_d2(inputs, cdtype)
         stacked = torch.stack(d2, dim=-1)  # (n, C, L)
         weights = self._weights(stacked.shape[-1], cdtype, stacked.device)

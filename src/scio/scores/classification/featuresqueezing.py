@@ -204,6 +204,10 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
         check_max_batch(self.max_batch)
         self._squeezers_fn = fns
 
+    @property
+    def _acts_on_inputs(self) -> bool:
+        return True
+
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.rnet(inputs, dont_record=True)
         work = _work_dtype(out.dtype)

@@ -137,6 +137,15 @@ class GradNorm(NoCalibration, BaseScoreClassif):
 
     def _functional(self, inputs: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(out, conformity)`` from per-sample gradients (``torch.func``), any layers."""
+        if not isinstance(inputs, Tensor):
+            msg = (
+                "GradNorm needs per-sample gradients of the network here (its gradient layer "
+                "is not a linear layer producing the logits), which it computes on one "
+                f"tensor batch; got a dict batch with keys {list(inputs)}: record the "
+                "classifier head (the linear layer giving the logits), whose gradient "
+                "norm has a closed form on any batch"
+            )
+            raise TypeError(msg)
         rnet = self.rnet
         temperature = self.temperature
 

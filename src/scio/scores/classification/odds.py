@@ -217,6 +217,10 @@ class Odds(StreamingCalibration, BaseScoreClassif):
         self.rng_device: str | None = None if rng is None else str(rng.device)
 
     # -- inference ----------------------------------------------------------------------------
+    @property
+    def _acts_on_inputs(self) -> bool:
+        return True
+
     def get_conformity(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         kind = ZAggr(self.z_aggregation)
         if kind not in (ZAggr.SUM, ZAggr.DETECT, ZAggr.RECTIFY):

@@ -18,12 +18,12 @@ import os
 import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from scio.recorder.io import batch_size, concat_batches, map_tensors, take_rows, unwrap_single
 from scio.scores.core.calibration import (
     CalibBatch,
     CalibStream,
@@ -32,18 +32,20 @@ from scio.scores.core.calibration import (
     as_batches,
     check_nonfinite_policy,
     concat_labels,
-    example_batch,
 )
+from scio.scores.core.fit_paths import fit_reference, fit_without_data
 from scio.scores.core.session import FitSession, explain_forward_error
 from scio.scores.core.validation import (
     COMMON_PARAM_RANGES,
     ParamError,
     ParamRange,
+    check_act_norm,
     check_device,
     check_input_dtype,
     check_inputs,
     check_param_range,
     check_recorder,
+    check_tensor_inputs,
     eval_mode,
     merge_rows,
     nonfinite_rows,
@@ -126,6 +128,7 @@ class BaseScore(ParamClass):
             raise RuntimeError(msg)
         for name, value in self.params.items():
             check_param_range(self, name, value, type(self)._range_of(name))
+        check_act_norm(self.act_norm)  # at fit only, as the reference (docs/errors.md)
         k = self.params.get("k")
         if isinstance(k, int) and not 0 < k <= n_calib:
             msg = f"`k` must satisfy 0 < k <= n_calib = {n_calib} calibration samples (got k={k})"
@@ -161,7 +164,7 @@ class BaseScore(ParamClass):
             msg = "`calib_data` is empty: calibration needs at least one sample"
             raise ValueError(msg)
         inputs = [inputs for inputs, _ in buffer]
-        data = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        data = concat_batches(inputs)
         labels = buffer[0][1] if len(buffer) == 1 else concat_labels([y for _, y in buffer])
         self.calibrate(data, labels)
 
@@ -224,65 +227,19 @@ class BaseScore(ParamClass):
             and group is None
             and not hasattr(self, "_calib_prepare")
         ):  # nothing to learn nor bind
-            return self._fit_without_data(rnet, calib_data, calib_labels, nonfinite)
+            fit_without_data(self, rnet, calib_data, calib_labels, nonfinite)
+            return self
         if group is None and _is_placeholder(rnet) and not isinstance(self, StreamingCalibration):
-            return self._fit_reference(rnet, calib_data, calib_labels)
+            fit_reference(self, rnet, calib_data, calib_labels)
+            return self
         check_recorder(rnet, type(self).__name__)
         batches, n_known = as_batches(calib_data, calib_labels)
-        checked = CalibStream(batches, nonfinite, single=isinstance(calib_data, Tensor))
-        stream = (CalibBatch(inputs, labels, rnet) for inputs, labels in checked)
+        checked = CalibStream(batches, nonfinite, single=isinstance(calib_data, Tensor | Mapping))
+        key = rnet.__dict__["_input_key"]
+        stream = (
+            CalibBatch(unwrap_single(inputs, key), labels, rnet) for inputs, labels in checked
+        )
         return self._fit_stream(rnet, stream, n_known, group=group, checked=checked)
-
-    def _fit_without_data(
-        self, rnet: Any, calib_data: Any, calib_labels: Any = None, nonfinite: str = "drop"
-    ) -> BaseScore:
-        """Fit a score with nothing to learn: as the reference, ``rnet`` is stored without
-        inspection and any ``calib_data`` / labels are accepted (a tensor still sets the input
-        shape and dtype checked at inference and saved with the score, and goes through the
-        label-count and non-finite checks of every fit)."""
-        start = perf_counter()
-        example, n = example_batch(calib_data)
-        if isinstance(calib_data, Tensor):
-            checked = CalibStream([(calib_data, calib_labels)], nonfinite, single=True)
-            for _ in checked:  # checks the labels' count, drops or refuses non-finite rows
-                pass
-            checked.warn(stacklevel=3)
-            n -= checked.dropped
-        self._check_params(n)
-        self.unfit()
-        self._rnet = rnet
-        self._fit_input_shape = tuple(example.shape[1:]) if example is not None else None
-        # the inputs' dtype is checked at inference, unless the data were floating inputs
-        # of another dtype than the network's (accepted, as in the reference): then the
-        # inputs must only have the network's
-        dtype = None if example is None else example.dtype
-        first = getattr(rnet, "__dict__", {}).get("_first_param")
-        if dtype is not None and dtype.is_floating_point and getattr(first, "dtype", None) != dtype:
-            dtype = None
-        self._fit_input_dtype = dtype
-        self._fit_n_samples = n
-        self.timer.add("calibration", n, perf_counter() - start)
-        self._is_fit = True
-        return self
-
-    def _fit_reference(self, rnet: Any, calib_data: Any, calib_labels: Any) -> BaseScore:
-        """The reference's ``fit`` for a score written against its contract (``calibrate`` /
-        ``get_conformity``) given something else than a Recorder or a network, e.g. a
-        placeholder ``...`` for a score that never runs one: ``rnet`` is bound as it is and
-        ``calibrate(calib_data, calib_labels)`` runs once, timed. The network is used only
-        where the score's own code uses it."""
-        n = len(calib_data)
-        self._check_params(n)
-        self.unfit()
-        self._rnet = rnet
-        with self.timer("calibration", n_samples=n):
-            self.calibrate(calib_data, calib_labels)
-        example, _ = example_batch(calib_data)
-        self._fit_input_shape = tuple(example.shape[1:]) if example is not None else None
-        self._fit_input_dtype = None
-        self._fit_n_samples = n
-        self._is_fit = True
-        return self
 
     def _fit_stream(
         self,
@@ -319,10 +276,29 @@ class BaseScore(ParamClass):
         return False
 
     def __call__(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(out, conformity)``: the network output and the confidence scores."""
+        """Return ``(out, conformity)``: the network output and the confidence scores.
+
+        ``inputs`` is a tensor batch, or a dict batch for a network called as
+        ``net(**batch)`` (a recorder built on a dict ``input_data``)."""
+        if isinstance(inputs, Mapping):
+            rnet = self.__dict__.get("_rnet")
+            inputs = unwrap_single(inputs, getattr(rnet, "__dict__", {}).get("_input_key"))
         self._check_ready(inputs)
-        with self.timer("inference", n_samples=len(inputs)):
+        with self.timer("inference", n_samples=batch_size(inputs)):
             return self._infer(inputs)
+
+    @property
+    def _acts_on_inputs(self) -> bool:
+        """Whether the score works in input space (perturbations, input gradients,
+        squeezing): it then needs a tensor batch, not a dict of several tensors. Default:
+        whether inference takes gradients (with respect to the inputs)."""
+        return self._inference_needs_grad
+
+    def _score_input(self, inputs: Any, name: str = "calib_data") -> Any:
+        """``inputs`` after the check that a dict batch suits the score."""
+        if isinstance(inputs, Mapping) and self._acts_on_inputs:
+            check_tensor_inputs(inputs, type(self).__name__, name=name)
+        return inputs
 
     def _bind_taps(self) -> None:
         """Tap (``Recorder._tap``) every module input the score reads at inference, so that
@@ -333,11 +309,20 @@ class BaseScore(ParamClass):
         if not self._is_fit:
             msg = "The score needs to be fit before inference"
             raise RuntimeError(msg)
-        check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs")
         rnet = self.rnet
-        if _is_placeholder(rnet):  # no network to check against (see `_fit_reference`)
+        placeholder = _is_placeholder(rnet)
+        keys = None if placeholder else rnet.__dict__.get("_input_keys")
+        check_inputs(inputs, self.__dict__.get("_fit_input_shape"), name="inputs", keys=keys)
+        if placeholder:  # no network to check against (see `fit_reference`)
             return
         first = rnet.__dict__.get("_first_param")  # cached: the check is on every call
+        if isinstance(inputs, Mapping):
+            self._score_input(inputs, "inputs")
+            check_device(inputs, rnet.net, name="inputs")
+            for key, tensor in inputs.items():
+                if isinstance(tensor, Tensor):
+                    check_input_dtype(tensor, None, first, name=f"inputs[{key!r}]")
+            return
         if first is None or first.device != inputs.device:
             check_device(inputs, rnet.net, name="inputs")
         check_input_dtype(inputs, self.__dict__.get("_fit_input_dtype"), first, name="inputs")
@@ -354,9 +339,9 @@ class BaseScore(ParamClass):
             # the caller's inference mode forbids autograd: leave it locally, and give the
             # score an ordinary copy of the inputs (inference tensors cannot take gradients)
             with torch.inference_mode(False):
-                return self._infer(inputs.clone())
+                return self._infer(map_tensors(inputs, torch.clone))
         rnet = self.rnet
-        if _is_placeholder(rnet):  # the score's own code only (see `_fit_reference`)
+        if _is_placeholder(rnet):  # the score's own code only (see `fit_reference`)
             with torch.enable_grad() if self._inference_needs_grad else torch.no_grad():
                 return self._process(inputs)
         bad = nonfinite_rows(inputs)
@@ -376,11 +361,11 @@ class BaseScore(ParamClass):
             with grad:
                 return self._process(inputs)
         with torch.no_grad():
-            out_bad = self.rnet(inputs[bad], dont_record=True)
+            out_bad = self.rnet(take_rows(inputs, bad), dont_record=True)
         good = None
         if not bool(bad.all()):
             with grad:
-                good = self._process(inputs[~bad])
+                good = self._process(take_rows(inputs, ~bad))
         return merge_rows(bad, out_bad, good, self._nan_conformity)
 
     def _nan_conformity(self, out: Tensor) -> Tensor:

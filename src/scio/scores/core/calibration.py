@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scio.recorder.io import batch_size, split_labels, take_rows
 from scio.scores.core.validation import nonfinite_rows
 from scio.utils.state import CalibState
 
@@ -72,7 +73,7 @@ class CalibBatch:
         self._tapped = tapped
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return batch_size(self.inputs)
 
     def _forward(self) -> None:
         if self.rnet is None:
@@ -155,13 +156,21 @@ def as_batches(
 ) -> tuple[Iterator[tuple[Tensor, Any]], int | None]:
     """Normalise ``fit`` arguments to an iterator of ``(inputs, labels)`` batches.
 
-    ``calib_data`` is either a tensor (one batch, with ``calib_labels``) or an iterable of
-    ``(inputs, labels)`` pairs / bare input tensors such as a ``DataLoader`` (then
-    ``calib_labels`` must be omitted). Returns the iterator and the number of samples when
-    it is known in advance.
+    ``calib_data`` is either a tensor or a dict batch (one batch, with ``calib_labels``, or
+    a dict carrying them under ``"labels"``) or an iterable of ``(inputs, labels)`` pairs,
+    bare input tensors or dict batches (labels under ``"labels"``, as Hugging Face data
+    collators produce) such as a ``DataLoader`` (then ``calib_labels`` must be omitted).
+    Returns the iterator and the number of samples when it is known in advance.
     """
     if isinstance(calib_data, Tensor):
         return iter([(calib_data, calib_labels)]), len(calib_data)
+    if isinstance(calib_data, Mapping):
+        inputs, labels = split_labels(calib_data)
+        if labels is not None and calib_labels is not None:
+            msg = "`calib_labels` must be None when `calib_data` carries its labels under 'labels'"
+            raise ValueError(msg)
+        labels = calib_labels if labels is None else labels
+        return iter([(inputs, labels)]), batch_size(inputs, name="calib_data")
     if not isinstance(calib_data, Iterable):
         msg = (
             "`calib_data` must be a tensor or an iterable of (inputs, labels) batches "
@@ -185,11 +194,14 @@ def as_batches(
         for i, item in enumerate(calib_data):
             if isinstance(item, Tensor):
                 yield item, None
+            elif isinstance(item, Mapping):
+                yield split_labels(item)
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 yield item[0], item[1]
             else:
                 msg = (
-                    f"Calibration batch {i} must be a tensor or an (inputs, labels) pair "
+                    f"Calibration batch {i} must be a tensor, a dict batch or an (inputs, "
+                    "labels) pair "
                     f"(got {type(item).__name__})"
                 )
                 raise TypeError(msg)
@@ -202,18 +214,23 @@ def example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
     known; ``(None, 0)`` for anything else (e.g. ``[]``)."""
     if isinstance(calib_data, Tensor):
         return (calib_data, len(calib_data)) if calib_data.ndim and len(calib_data) else (None, 0)
+    if isinstance(calib_data, Mapping):
+        inputs, _ = split_labels(calib_data)
+        return inputs, batch_size(inputs, name="calib_data")
     if not isinstance(calib_data, Iterable) or isinstance(calib_data, str | bytes):
         return None, 0
     first = next(iter(calib_data), None)
     if isinstance(first, tuple | list) and first:
         first = first[0]
-    if not isinstance(first, Tensor) or not first.ndim:
+    if isinstance(first, Mapping):
+        first, _ = split_labels(first)
+    elif not isinstance(first, Tensor) or not first.ndim:
         return None, 0
     dataset = getattr(calib_data, "dataset", calib_data)
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
-        n = len(first)
+        n = batch_size(first)
     return first, n
 
 
@@ -246,6 +263,18 @@ def _label_count(labels: Any) -> int | None:
     if shape is not None and len(shape) == 0:
         return None
     return len(labels)
+
+
+def _n_samples(inputs: Any) -> int:
+    """The batch size of a tensor or dict batch; 0 for anything the session refuses."""
+    if isinstance(inputs, Tensor):
+        return len(inputs) if inputs.ndim else 0
+    if isinstance(inputs, Mapping):
+        try:
+            return batch_size(inputs, name="calib_data")
+        except (TypeError, ValueError):
+            return 0
+    return 0
 
 
 def _take_rows(labels: Any, keep: Tensor) -> Any:
@@ -286,24 +315,21 @@ class CalibStream:
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for i, (inputs, labels) in enumerate(self._batches):
-            if not isinstance(inputs, Tensor) or inputs.ndim == 0 or not len(inputs):
+            n = _n_samples(inputs)
+            if not n:
                 yield inputs, labels  # refused by the fit session's input checks
                 continue
             where = "" if self._single else f" (calibration batch {i})"
             n_labels = _label_count(labels)
-            if n_labels is not None and n_labels != len(inputs):
+            if n_labels is not None and n_labels != n:
                 shape = tuple(labels.shape) if hasattr(labels, "shape") else f"{n_labels} labels"
-                expected = (
-                    f"({len(inputs)},)"
-                    if getattr(labels, "ndim", 1) <= 1
-                    else (f"({len(inputs)}, ...)")
-                )
+                expected = f"({n},)" if getattr(labels, "ndim", 1) <= 1 else (f"({n}, ...)")
                 msg = (
                     f"`calib_labels` must have shape {expected}, one label per sample "
                     f"(got {shape}){where}"
                 )
                 raise ValueError(msg)
-            self.n_seen += len(inputs)
+            self.n_seen += n
             bad = nonfinite_rows(inputs)
             if bad is not None:
                 count = int(bad.sum())
@@ -317,10 +343,10 @@ class CalibStream:
                     raise ValueError(msg)
                 self.dropped += count
                 keep = ~bad
-                inputs = inputs[keep]
+                inputs = take_rows(inputs, keep)
                 if n_labels is not None:
                     labels = _take_rows(labels, keep)
-                if not len(inputs):
+                if count == n:
                     continue
             yield inputs, labels
 

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from scio.recorder.io import map_tensors
 from scio.scores.core.calibration import CalibState
 from scio.scores.core.protocol import FittableScore, SessionLike
 
@@ -403,7 +404,8 @@ def example_input(group: Any, local: Tensor | None, net: torch.nn.Module) -> Ten
     device. Raises ``ValueError`` on every rank when no rank has any data.
     """
     examples: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(examples, None if local is None else local.detach().cpu(), group=group)
+    mine = None if local is None else map_tensors(local, lambda t: t.detach().cpu())
+    dist.all_gather_object(examples, mine, group=group)
     _raise_failures(examples)
     if local is not None:
         return local
@@ -412,4 +414,4 @@ def example_input(group: Any, local: Tensor | None, net: torch.nn.Module) -> Ten
         msg = "`calib_data` is empty on every rank: calibration needs at least one sample"
         raise ValueError(msg)
     param = next(iter(net.parameters()), None)
-    return found if param is None else found.to(param.device)
+    return found if param is None else map_tensors(found, lambda t: t.to(param.device))

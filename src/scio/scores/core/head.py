@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scio.recorder.head import find_head
+from scio.recorder.io import take_rows
 
 if TYPE_CHECKING:
     from scio.recorder import Recorder
@@ -33,7 +34,7 @@ class HeadMixin:
     # -- binding ----------------------------------------------------------------------------
     def _calib_prepare(self, rnet: Recorder, probe: Tensor) -> None:
         """Find the head on the first calibration inputs and tap its input."""
-        name, module = find_head(rnet, probe[:2], self.head)
+        name, module = find_head(rnet, take_rows(probe, slice(0, 2)), self.head)
         self.head_name: str = name  # fitted state (public annotations are hyper-parameters)
         rnet._tap(module)
 

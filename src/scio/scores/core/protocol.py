@@ -45,7 +45,11 @@ class FittableScore(Protocol):
 
     def unfit(self) -> None: ...
 
+    def calibrate(self, calib_data: Any, calib_labels: Any) -> None: ...
+
     def _check_params(self, n_calib: int) -> None: ...
+
+    def _score_input(self, inputs: Any, name: str = ...) -> Any: ...
 
     def _calib_start(self) -> None: ...
 
@@ -59,7 +63,7 @@ class SessionLike(Protocol):
 
     n_samples: int
     input_shape: tuple[int, ...] | None
-    input_dtype: torch.dtype
+    input_dtype: torch.dtype | None
     _prepared: bool
 
     def prepare(self, probe: torch.Tensor) -> None: ...

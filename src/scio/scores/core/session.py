@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ class FitSession:
         self.n_samples = 0
         self.duration = 0.0
         self.input_shape: tuple[int, ...] | None = None
-        self.input_dtype = torch.float32
+        self.input_dtype: torch.dtype | None = torch.float32
         self._grad = score._calib_needs_grad
         self._prepared = False
         start = perf_counter()
@@ -87,11 +88,19 @@ class FitSession:
     def update(self, batch: CalibBatch) -> None:
         """Feed one batch to the score."""
         start = perf_counter()
-        check_inputs(batch.inputs, self.input_shape, name="calib_data")
-        self.input_shape = tuple(batch.inputs.shape[1:])
-        self.input_dtype = batch.inputs.dtype
-        check_device(batch.inputs, self.score.rnet.net, name="calib_data")
-        check_dtype(batch.inputs, self.score.rnet.net, name="calib_data")
+        inputs = self.score._score_input(batch.inputs)
+        rnet = self.score.rnet
+        check_inputs(inputs, self.input_shape, name="calib_data", keys=rnet._input_keys)
+        check_device(inputs, rnet.net, name="calib_data")
+        if isinstance(inputs, Mapping):  # dict batch: no per-sample shape (e.g. padded text)
+            self.input_shape = self.input_dtype = None
+            for key, tensor in inputs.items():
+                if isinstance(tensor, Tensor):
+                    check_dtype(tensor, rnet.net, name=f"calib_data[{key!r}]")
+        else:
+            self.input_shape = tuple(inputs.shape[1:])
+            self.input_dtype = inputs.dtype
+            check_dtype(inputs, rnet.net, name="calib_data")
         if not self._prepared:
             self.prepare(batch.inputs)
         grad = torch.enable_grad() if self._grad else torch.no_grad()
@@ -172,6 +181,8 @@ def explain_forward_error(
     """If a forward failed on samples of another shape than the Recorder was built with, or
     on integer inputs to a floating network, raise an error that says so and names the
     argument (chained to the original one); else return."""
+    if not isinstance(inputs, Tensor):  # a dict batch: torch's own error says enough
+        return
     _explain_shape_mismatch(exc, inputs, rnet, name)
     net = getattr(rnet, "net", None)
     if inputs.is_floating_point() or inputs.is_complex() or not isinstance(net, torch.nn.Module):

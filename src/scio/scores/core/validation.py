@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scio.recorder.io import batch_size, batch_tensors
 from scio.recorder.modes import eval_mode
 
 __all__ = [
@@ -24,12 +25,14 @@ __all__ = [
     "InputDtypeError",
     "ParamError",
     "ParamRange",
+    "check_act_norm",
     "check_device",
     "check_dtype",
     "check_input_dtype",
     "check_inputs",
     "check_param_range",
     "check_recorder",
+    "check_tensor_inputs",
     "eval_mode",
     "merge_rows",
     "nonfinite_rows",
@@ -128,10 +131,8 @@ def param_ranges(**ranges: ParamRange) -> Mapping[str, ParamRange]:
 
 
 #: Ranges of the parameters shared by many scores (checked wherever a score declares one).
+#: ``act_norm`` is not among them: it is checked at ``fit`` only (:func:`check_act_norm`).
 COMMON_PARAM_RANGES = param_ranges(
-    act_norm=ParamRange(
-        lambda v: v is None or (v == v and v != 0), "a non-zero number, not NaN (or None)"
-    ),
     k=ParamRange.interval(0, integer=True),
     bank_fraction=ParamRange.interval(0, 1, high_open=False),
     max_batch=ParamRange.interval(1, low_open=False, integer=True, optional=True),
@@ -159,19 +160,61 @@ def check_param_range(owner: object, name: str, value: Any, valid: ParamRange | 
     raise ParamError(msg)
 
 
-def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str) -> None:
-    """Raise a clear error unless ``inputs`` is a non-empty tensor batch.
+def _require(condition: object) -> None:
+    """Raise a :class:`ParamError` with an empty message unless ``condition`` holds."""
+    if not condition:
+        raise ParamError
+
+
+def check_act_norm(value: Any) -> None:
+    """Check ``act_norm`` at ``fit`` (it is accepted when set): ``None`` or a non-zero
+    number, not NaN.
+
+    The one exception to the error contract (``docs/errors.md``), for compatibility: as in
+    the reference, whose tests pin it, a bad value is accepted when set and ``fit`` raises a
+    :class:`ParamError` (an ``AssertionError``) with an empty message; the traceback shows
+    the failed line below, which says why.
+    """
+    if value is None:
+        return
+    _require(value != 0)  # `act_norm` must not be 0 (None, or a non-zero number, not NaN)
+    _require(value == value)  # `act_norm` must not be NaN (None, or a non-zero number)
+
+
+def check_inputs(
+    inputs: Any,
+    sample_shape: tuple[int, ...] | None,
+    *,
+    name: str,
+    keys: tuple[str, ...] | None = None,
+) -> None:
+    """Raise a clear error unless ``inputs`` is a non-empty tensor batch, or a dict batch
+    (models called as ``net(**batch)``) whose tensors share their batch size.
 
     Any dtype is accepted, as in the reference (e.g. integer token ids for a network that
     embeds them); :func:`check_dtype` catches a floating dtype the network does not use.
 
     Args:
         inputs: the batch to check.
-        sample_shape: the per-sample shape it must have (``None``: any).
+        sample_shape: the per-sample shape a tensor batch must have (``None``: any).
         name: the argument name used in messages.
+        keys: the keys a dict batch must hold (the recorder's ``input_data`` keys).
     """
+    if isinstance(inputs, Mapping):
+        if keys is not None:
+            missing = [key for key in keys if key not in inputs]
+            if missing:
+                msg = (
+                    f"`{name}` lacks the key(s) {missing}: the recorder was built on a batch "
+                    f"with keys {list(keys)} (got keys {list(inputs)})"
+                )
+                raise ValueError(msg)
+        if batch_size(inputs, name=name) == 0:
+            msg = f"`{name}` must hold at least one sample (got an empty dict batch)"
+            raise ValueError(msg)
+        return
     if not isinstance(inputs, Tensor):
-        msg = f"`{name}` must be a torch.Tensor (got {type(inputs).__name__})"
+        msg = f"`{name}` must be a torch.Tensor or a dict of tensors (got {type(inputs).__name__})"
         raise TypeError(msg)
     if inputs.ndim == 0 or len(inputs) == 0:
         msg = f"`{name}` must hold at least one sample (got shape {tuple(inputs.shape)})"
@@ -184,16 +227,33 @@ def check_inputs(inputs: Any, sample_shape: tuple[int, ...] | None, *, name: str
         raise ValueError(msg)
 
 
-def check_device(inputs: Tensor, net: nn.Module, *, name: str) -> None:
+def check_tensor_inputs(inputs: Any, score_name: str, *, name: str = "inputs") -> None:
+    """Raise ``TypeError`` for a dict batch given to a score that works in input space
+    (perturbations, input gradients, squeezing: it needs one tensor to act on)."""
+    if not isinstance(inputs, Mapping):
+        return
+    msg = (
+        f"{score_name} acts on the network's input itself (perturbation, input gradient or "
+        f"squeezing), so `{name}` must be one tensor, or a dict holding only the tensor the "
+        f"recorder was built with (e.g. {{'pixel_values': x}}); got a dict batch with keys "
+        f"{list(inputs)}: score such a model with a feature or logit score"
+    )
+    raise TypeError(msg)
+
+
+def check_device(inputs: Any, net: nn.Module, *, name: str) -> None:
     """Raise :class:`InputDeviceError` (a ``TypeError`` and a ``ValueError``) naming both
-    devices if ``inputs`` is not on the device of ``net``'s parameters."""
+    devices if ``inputs`` (a tensor or each tensor of a dict batch) is not on the device of
+    ``net``'s parameters."""
     for param in net.parameters():
-        if param.device != inputs.device:
-            msg = (
-                f"`{name}` is on {inputs.device} but the network is on {param.device}; "
-                f"move one of them (e.g. `{name}.to({str(param.device)!r})`)"
-            )
-            raise InputDeviceError(msg)
+        for key, tensor in batch_tensors(inputs).items():
+            if param.device != tensor.device:
+                what = f"{name}[{key!r}]" if key else name
+                msg = (
+                    f"`{what}` is on {tensor.device} but the network is on {param.device}; "
+                    f"move one of them (e.g. `{what}.to({str(param.device)!r})`)"
+                )
+                raise InputDeviceError(msg)
         return
 
 
@@ -268,10 +328,24 @@ def check_recorder(rnet: Any, score_name: str) -> None:
 
 
 # -- non-finite inputs, per sample ------------------------------------------------------------
-def nonfinite_rows(inputs: Tensor) -> Tensor | None:
-    """The boolean mask of the samples of ``inputs`` holding a NaN or an infinite value, or
-    ``None`` when every sample is finite (or the dtype cannot hold non-finite values). One
-    ``isfinite`` reduction: the whole cost of the check on a finite batch."""
+def nonfinite_rows(inputs: Any) -> Tensor | None:
+    """The boolean mask of the samples of ``inputs`` (a tensor or dict batch) holding a NaN
+    or an infinite value, or ``None`` when every sample is finite (or no tensor's dtype can
+    hold non-finite values). One ``isfinite`` reduction per floating tensor: the whole cost
+    of the check on a finite batch."""
+    if isinstance(inputs, Tensor):
+        return _nonfinite_tensor(inputs)
+    if not isinstance(inputs, Mapping):
+        return None
+    bad: Tensor | None = None
+    for tensor in batch_tensors(inputs).values():
+        rows = _nonfinite_tensor(tensor)
+        if rows is not None:
+            bad = rows if bad is None else bad | rows
+    return bad
+
+
+def _nonfinite_tensor(inputs: Tensor) -> Tensor | None:
     if not (inputs.is_floating_point() or inputs.is_complex()) or inputs.ndim == 0:
         return None
     if inputs.is_meta:  # no values (refused by the device check)

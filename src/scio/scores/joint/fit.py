@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from scio.recorder import DepthIdx, Recorder
+from scio.recorder.io import batch_size as count_rows
+from scio.recorder.io import take_rows, unwrap_single
 from scio.scores.core.base import BaseScore, FitSession
 from scio.scores.core.calibration import CalibBatch, CalibStream, as_batches
 from scio.scores.core.distributed import example_input, report_failure, resolve_group
@@ -26,16 +28,21 @@ class _Progress(Protocol):
 
 
 def split_batches(inputs: Tensor, labels: Any, batch_size: int | None) -> list[tuple[Tensor, Any]]:
-    """Split a tensor (and its labels, when they have one entry per sample) in batches."""
-    if batch_size is None or batch_size >= len(inputs):
+    """Split a tensor or dict batch (and its labels, when they have one entry per sample) in
+    batches."""
+    n = count_rows(inputs, name="calib_data")
+    if batch_size is None or batch_size >= n:
         return [(inputs, labels)]
     if batch_size <= 0:
         msg = f"`batch_size` must be a positive integer (got {batch_size})"
         raise ValueError(msg)
-    per_sample = labels is not None and hasattr(labels, "__len__") and len(labels) == len(inputs)
+    per_sample = labels is not None and hasattr(labels, "__len__") and len(labels) == n
     return [
-        (inputs[i : i + batch_size], labels[i : i + batch_size] if per_sample else labels)
-        for i in range(0, len(inputs), batch_size)
+        (
+            take_rows(inputs, slice(i, i + batch_size)),
+            labels[i : i + batch_size] if per_sample else labels,
+        )
+        for i in range(0, n, batch_size)
     ]
 
 
@@ -98,13 +105,15 @@ def fit_jointly(
             report_failure(group, exc)
         raise
     if group is not None:  # an empty rank borrows the probe input of another rank
-        probe = example_input(group, None if first is None else first[0][:1], net)
+        probe = example_input(
+            group, None if first is None else take_rows(first[0], slice(0, 1)), net
+        )
     elif first is None:
         checked.warn(stacklevel=2)
         msg = "`calib_data` is empty: calibration needs at least one sample"
         raise ValueError(msg)
     else:
-        probe = first[0][:1]
+        probe = take_rows(first[0], slice(0, 1))
     if "input_data" not in recorder_kwargs and "input_size" not in recorder_kwargs:
         recorder_kwargs["input_data"] = probe
 
@@ -149,7 +158,8 @@ def _run(
     on_batch: _Progress | None,
 ) -> None:
     n_done = 0
-    for inputs, labels in batches:
+    for batch_inputs, labels in batches:
+        inputs = unwrap_single(batch_inputs, union._input_key)
         start = perf_counter()
         try:
             with torch.no_grad():
@@ -173,6 +183,6 @@ def _run(
                 inputs, labels, session.score.rnet, out=out, activations=acts, tapped=taps
             )
             session.update(batch)
-        n_done += len(inputs)
+        n_done += count_rows(inputs)
         if on_batch is not None:
             on_batch(n_done)

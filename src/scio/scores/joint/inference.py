@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from scio.recorder import Recorder, SharedForward, shared_forward
+from scio.recorder.io import batch_size, take_rows, unwrap_single
+from scio.recorder.io import batch_size as count_rows
 from scio.scores.core.base import BaseScore
 from scio.scores.core.fitted import fitted_scores
 from scio.scores.core.validation import eval_mode, merge_rows, nonfinite_rows
@@ -72,12 +74,22 @@ class JointInference:
         if self._union is None:
             for score in self.scores:
                 score._bind_taps()  # e.g. a classifier head's input on the score's recorder
-            union = Recorder(self.net, input_data=inputs[:1], force_static_flow=False)
+            first = self.scores[0].rnet
+            example = take_rows(inputs, slice(0, 1))
+            if first._input_key is not None and isinstance(example, Tensor):
+                example = {first._input_key: example}  # called as the scores' recorders are
+            union = Recorder(
+                self.net, input_data=example, force_static_flow=False, output=first._output
+            )
             layers = {d for score in self.scores for d in score.rnet.recording}
             union.record(*sorted(layers))
             union._tap(*(m for score in self.scores for m in score.rnet._taps))
             self._union = union
         return self._union
+
+    def _as_input(self, inputs: Any) -> Any:
+        """A dict holding only the recorders' one input key, as its tensor (``score(x)``)."""
+        return unwrap_single(inputs, self.scores[0].rnet._input_key)
 
     def _check(self, inputs: Tensor) -> None:
         """Check ``inputs`` for every score (as ``score(inputs)`` does)."""
@@ -109,7 +121,7 @@ class JointInference:
         and of every score, as ``score(inputs)`` does: they get their own network output
         (one forward of just those rows, shared by the scores) and a NaN conformity."""
         bad = nonfinite_rows(inputs)
-        finite = inputs if bad is None else inputs[~bad]
+        finite = inputs if bad is None else take_rows(inputs, ~bad)
         results: list[Any] = [None] * len(self.scores)
         if bad is None or not bool(bad.all()):
             with shared_forward(self._shared(finite)):
@@ -121,7 +133,7 @@ class JointInference:
             return results
         start = perf_counter()
         with torch.no_grad(), eval_mode(self.net):
-            out_bad = self._union_recorder(inputs)(inputs[bad], dont_record=True)
+            out_bad = self._union_recorder(inputs)(take_rows(inputs, bad), dont_record=True)
         seconds = perf_counter() - start
         self.last_shared_seconds += seconds
         self.shared_seconds += seconds
@@ -132,12 +144,13 @@ class JointInference:
 
     def __call__(self, inputs: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``[score(inputs) for score in scores]`` with one shared forward."""
+        inputs = self._as_input(inputs)
         self._check(inputs)
         self.last_shared_seconds = 0.0
         own = [0.0] * len(self.scores)
         results = self._batch(inputs, own)
         for score, seconds in zip(self.scores, own, strict=True):
-            score.timer.add("inference", len(inputs), seconds)
+            score.timer.add("inference", batch_size(inputs), seconds)
         return results
 
     def run(
@@ -155,13 +168,14 @@ class JointInference:
         confs: list[list[Tensor]] = [[] for _ in self.scores]
         own = [0.0] * len(self.scores)
         n_done = 0
-        for inputs in batches:
+        for batch in batches:
+            inputs = self._as_input(batch)
             self._check(inputs)
             self.last_shared_seconds = 0.0
             for i, (score_out, conformity) in enumerate(self._batch(inputs, own)):
                 outs[i].append(score_out)
                 confs[i].append(conformity)
-            n_done += len(inputs)
+            n_done += batch_size(inputs)
             if on_batch is not None:
                 on_batch(n_done)
         if n_done == 0:
@@ -190,9 +204,10 @@ def infer_jointly(
         One ``(out, conformity)`` pair per score, in input order.
     """
     joint = JointInference(scores)
-    if batch_size is None or batch_size >= len(inputs):
+    n = count_rows(inputs)
+    if batch_size is None or batch_size >= n:
         return joint(inputs)
     if batch_size <= 0:
         msg = f"`batch_size` must be a positive integer (got {batch_size})"
         raise ValueError(msg)
-    return joint.run(inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size))
+    return joint.run(take_rows(inputs, slice(i, i + batch_size)) for i in range(0, n, batch_size))
