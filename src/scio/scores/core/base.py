@@ -18,6 +18,7 @@ import os
 import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -284,8 +285,10 @@ class BaseScore(ParamClass):
             rnet = self.__dict__.get("_rnet")
             inputs = unwrap_single(inputs, getattr(rnet, "__dict__", {}).get("_input_key"))
         self._check_ready(inputs)
-        with self.timer("inference", n_samples=batch_size(inputs)):
-            return self._infer(inputs)
+        start = perf_counter()
+        result = self._infer(inputs)
+        self.timer.add("inference", batch_size(inputs), perf_counter() - start)
+        return result
 
     @property
     def _acts_on_inputs(self) -> bool:

@@ -145,7 +145,11 @@ def validate_labels(
 
 
 def _dataset_len(data: object) -> int | None:
+    """The number of samples of a ``DataLoader``'s dataset (``None``: unknown, e.g. a loader
+    without automatic batching, ``batch_size=None``, whose dataset items are batches)."""
     dataset = getattr(data, "dataset", None)
+    if getattr(data, "batch_size", 1) is None:
+        return None
     if isinstance(dataset, Sized):
         return len(dataset)
     return None
@@ -226,9 +230,11 @@ def example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
         first, _ = split_labels(first)
     elif not isinstance(first, Tensor) or not first.ndim:
         return None, 0
-    dataset = getattr(calib_data, "dataset", calib_data)
+    known = _dataset_len(calib_data)
+    if known is not None:
+        return first, known
     try:
-        n = len(dataset)  # type: ignore[arg-type]
+        n = len(calib_data) if not hasattr(calib_data, "dataset") else batch_size(first)
     except TypeError:
         n = batch_size(first)
     return first, n

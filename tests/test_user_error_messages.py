@@ -1,4 +1,4 @@
-"""The failure paths a new user hits get one sentence saying what to do (issue 13)."""
+"""The failure paths a new user hits get one sentence saying what to do."""
 
 from __future__ import annotations
 

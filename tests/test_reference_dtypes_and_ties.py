@@ -1,4 +1,4 @@
-"""Exact reference behaviours (issue 13, items 3-5): dtypes and order of computation.
+"""Exact reference behaviours: dtypes, order of computation and tie-breaking.
 
 Each expected value is computed here, apart from the implementation, following the
 reference's documented order of operations and dtypes step by step.
