@@ -233,10 +233,8 @@ def example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
     known = _dataset_len(calib_data)
     if known is not None:
         return first, known
-    try:
-        n = len(calib_data) if not hasattr(calib_data, "dataset") else batch_size(first)
-    except TypeError:
-        n = batch_size(first)
+    sized = isinstance(calib_data, Sized) and not hasattr(calib_data, "dataset")
+    n = len(calib_data) if sized else batch_size(first)
     return first, n
 
 
