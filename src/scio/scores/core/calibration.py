@@ -233,9 +233,9 @@ def example_batch(calib_data: Any) -> tuple[Tensor | None, int]:
     known = _dataset_len(calib_data)
     if known is not None:
         return first, known
-    sized = isinstance(calib_data, Sized) and not hasattr(calib_data, "dataset")
-    n = len(calib_data) if sized else batch_size(first)
-    return first, n
+    if isinstance(calib_data, Sized) and not hasattr(calib_data, "dataset"):
+        return first, len(calib_data)
+    return first, batch_size(first)
 
 
 def concat_labels(labels: list[Any]) -> Any:
