@@ -18,35 +18,7 @@ from tests.conftest import make_net
 transformers = pytest.importorskip(
     "transformers", reason="transformers is an optional extra: pip install scio[hf]"
 )
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    return transformers.ViTForImageClassification(config).eval()
+from tests.hf_support import tiny_bert, tiny_vit  # noqa: E402
 
 
 def text_batch(n: int = 5, seed: int = 1) -> dict[str, Tensor]:

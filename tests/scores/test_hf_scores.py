@@ -19,6 +19,7 @@ from scio.scores import KNN, ODIN, Energy, GradNorm, JointInference, infer_joint
 transformers = pytest.importorskip(
     "transformers", reason="transformers is an optional extra: pip install scio[hf]"
 )
+from tests.hf_support import tiny_bert, tiny_vit  # noqa: E402
 
 #: Entries run in the quick suite; every other one is marked slow (run in CI).
 QUICK = {"Softmax", "ODIN", "KNN", "DeepMahalanobis", "GradNorm", "ViM", "FeatureSqueezing"}
@@ -27,35 +28,6 @@ ENTRIES = [
 ]
 SEQ = (1, 3)  # the catalogue's second feature-map layer (RankFeat)
 N_CALIB, N_TEST = 24, 7
-
-
-def _tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    return transformers.ViTForImageClassification(config).eval()
-
-
-def _tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 class PlainViT(nn.Module):
@@ -130,12 +102,12 @@ def _assert_same(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], name: str) 
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
-    return _tiny_vit()
+    return tiny_vit()
 
 
 @pytest.fixture(scope="module")
 def bert() -> nn.Module:
-    return _tiny_bert()
+    return tiny_bert()
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
