@@ -35,6 +35,7 @@ import torch
 FEATURES = (1, 11)  # Tiniest: average-pooled feature maps (penultimate layer)
 LOGITS = (1, 12)
 BLOCK3 = (1, 5)
+L5, L6 = (1, 9), (1, 10)
 
 
 def _registry() -> dict[str, tuple[Callable[[], Any], tuple[tuple[int, int], ...]]]:
@@ -86,6 +87,25 @@ def _registry() -> dict[str, tuple[Callable[[], Any], tuple[tuple[int, int], ...
         "ASH": (lambda: scores.ASH(), (FEATURES,)),
         "SCALE": (lambda: scores.SCALE(), (FEATURES,)),
         "DICE": (lambda: scores.DICE(), (FEATURES,)),
+        "VRA": (lambda: scores.VRA(), (FEATURES,)),
+        "CFOOD": (lambda: scores.CFOOD(), (FEATURES,)),
+        "Relation": (lambda: scores.Relation(), (FEATURES,)),
+        "Residual": (lambda: scores.Residual(dim=40), (FEATURES,)),  # 80-d features
+        "ReweightOOD": (lambda: scores.ReweightOOD(), (FEATURES,)),
+        "AdaScale-a": (lambda: scores.AdaScale(), (FEATURES,)),
+        "AdaScale-l": (lambda: scores.AdaScale(variant="l"), (FEATURES,)),
+        "IODIN": (lambda: scores.IODIN(), ()),
+        "RankFeat": (lambda: scores.RankFeat(), (L5, L6)),  # the last two blocks
+        "GMM": (
+            lambda: scores.GMM(
+                num_clusters_list=(50,),
+                feature_type_list=("flat",),
+                alpha_list=(1.0,),
+                reduce_dim_list=("pca_50",),
+            ),
+            (FEATURES,),
+        ),
+        "GROOD": (lambda: scores.GROOD(use_proto_mean=True), (FEATURES,)),
     }
 
 
@@ -98,7 +118,7 @@ def _batches(data: torch.Tensor, labels: torch.Tensor | None, size: int) -> list
 
 _JOINT = ("(joint: single-pass scores)", "(joint: all scores)")
 #: Scores that need passes beyond the shared forward by design.
-_MULTI_PASS = ("eps=", "FeatureSqueezing", "Odds")
+_MULTI_PASS = ("eps=", "FeatureSqueezing", "Odds", "AdaScale", "IODIN")
 
 
 def _joint_names(name: str) -> list[str]:

@@ -198,6 +198,9 @@ class running:  # noqa: N801 - a context manager, like torch.no_grad
 def remember(capture: Capture) -> None:
     """Keep ``capture`` as its recorder's latest finished call in this context."""
     previous = _LAST.get()
+    if previous and previous[0].owner is capture.owner:  # the usual case: the same recorder
+        _LAST.set((capture, *previous[1:]))
+        return
     kept = tuple(c for c in previous if c.owner is not capture.owner)[: LAST_CAPTURES - 1]
     _LAST.set((capture, *kept))
 

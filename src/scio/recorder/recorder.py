@@ -369,7 +369,10 @@ class Recorder(InputTaps, nn.Module):
             capture.tokens = tokens
             capture.mask = kwargs.get("attention_mask")
         try:
-            with running(capture):
+            if state["_hooks"] or activation_postproc is not None:
+                with running(capture):  # the hooks find this call through it
+                    raw = state["_call"](*args, **kwargs)
+            else:  # no hook of this recorder can fire: nothing to find
                 raw = state["_call"](*args, **kwargs)
             output = state["_output"]
             capture.out = (

@@ -350,12 +350,10 @@ def _nonfinite_tensor(inputs: Tensor) -> Tensor | None:
         return None
     if inputs.is_meta:  # no values (refused by the device check)
         return None
-    if inputs.is_floating_point():
-        # fast path: one reduction is finite iff every value is (or a finite sum overflows:
-        # then the exact check below decides); torch.isfinite costs several kernels
-        total = inputs.sum(dtype=torch.float64 if inputs.dtype != torch.float64 else None)
-        if math.isfinite(total.item()):
-            return None
+    # fast path: one reduction is finite iff every value is (or a finite sum overflows: then
+    # the exact check below decides); torch.isfinite costs several kernels
+    if inputs.is_floating_point() and math.isfinite(inputs.sum().item()):
+        return None
     finite = torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1)
     if bool(finite.all()):
         return None
