@@ -291,3 +291,26 @@ def test_featuresqueezing_chunked_equals_one_shot() -> None:
     score.max_batch = 2  # a memory bound only: stays fit
     assert score.is_fit
     assert "max_batch=2" in repr(score)
+
+
+@pytest.mark.parametrize(
+    "name", ["ODIN", "IODIN", "AdaScale", "Odds", "FeatureSqueezing", "DeepMahalanobis"]
+)
+def test_max_batch_keeps_the_fit_and_is_still_range_checked(name: str) -> None:
+    from tests.catalogue import BY_NAME
+
+    from scio.scores.core.validation import ParamError
+
+    entry = BY_NAME[name]
+    net = make_net(dtype=torch.float32)
+    calib = torch.randn(20, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    rnet = Recorder(net, input_data=calib[:1])
+    rnet.record(*entry.layers)
+    with torch.no_grad():
+        labels = net(calib).argmax(1)
+    score = entry.make().fit(rnet, calib, labels if entry.uses_labels else None)
+    score.max_batch = 3
+    assert score.is_fit
+    with pytest.raises(ParamError, match="max_batch"):
+        score.max_batch = 0
+    assert score.is_fit and score.max_batch == 3

@@ -152,6 +152,7 @@ class AdaScale(HeadMixin, StreamingCalibration, BaseScoreClassif):
     max_batch: int | None = DEFAULT_MAX_BATCH
 
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _keeps_fit = frozenset({"max_batch"})  # a memory bound only
     _fitted_attrs: ClassVar[tuple[str, ...]] = (
         *HeadMixin._head_fitted_attrs,
         "calib_statistic",
@@ -161,11 +162,6 @@ class AdaScale(HeadMixin, StreamingCalibration, BaseScoreClassif):
     def _check_param_value(self, name: str, value: Any) -> None:
         _validate(name, value)
         super()._check_param_value(name, value)
-
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "max_batch":  # inference-only: the score stays fit
-            return
-        super()._on_param_will_be_set(attr, future_val)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)

@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -17,7 +17,6 @@ from scio.scores.core.calibration import CalibBatch, validate_labels
 from scio.scores.core.input_grad import (
     DEFAULT_MAX_BATCH,
     by_chunks,
-    check_max_batch,
     frozen_parameters,
 )
 from scio.scores.core.validation import ParamRange, param_ranges
@@ -146,12 +145,7 @@ class DeepMahalanobis(StreamingCalibration, BaseScoreClassif):
 
     # -- parameters ---------------------------------------------------------------------------
 
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "max_batch":
-            check_max_batch(future_val)
-        if attr in _INFERENCE_PARAMS:
-            return
-        super()._on_param_will_be_set(attr, future_val)
+    _keeps_fit = _INFERENCE_PARAMS
 
     @property
     def _inference_needs_grad(self) -> bool:

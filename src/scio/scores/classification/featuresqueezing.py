@@ -176,6 +176,7 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     max_batch: int | None = None
 
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _keeps_fit = frozenset({"max_batch"})  # a memory bound only
 
     @property
     def squeezers_fn(self) -> tuple[Callable[[Tensor], Tensor], ...]:
@@ -186,9 +187,6 @@ class FeatureSqueezing(NoCalibration, BaseScoreClassif):
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
         if attr == "squeezers":
             self.__dict__.pop("_squeezers_fn", None)
-        if attr == "max_batch":  # a memory bound only: the score stays fit
-            check_max_batch(future_val)
-            return
         super()._on_param_will_be_set(attr, future_val)
 
     def _check_params(self, n_calib: int) -> None:

@@ -86,15 +86,11 @@ class IODIN(NoCalibration, BaseScoreClassif):
     max_batch: int | None = DEFAULT_MAX_BATCH
 
     _extension_params = BaseScoreClassif._extension_params | {"input_std", "max_batch"}
+    _keeps_fit = frozenset({"max_batch"})  # a memory bound only
 
     def _check_param_value(self, name: str, value: Any) -> None:
         _validate(name, value)
         super()._check_param_value(name, value)
-
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "max_batch":  # inference-only: the score stays fit
-            return
-        super()._on_param_will_be_set(attr, future_val)
 
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -140,6 +139,7 @@ class Odds(StreamingCalibration, BaseScoreClassif):
 
     _fitted_attrs = ("avg", "var", "rng_state", "rng_device")
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _keeps_fit = frozenset({"max_batch"})  # a memory bound only
 
     _param_ranges = param_ranges(
         epsilon=ParamRange(math.isfinite, "a finite number"),
@@ -150,12 +150,6 @@ class Odds(StreamingCalibration, BaseScoreClassif):
         super()._check_params(n_calib)
         ZAggr(self.z_aggregation)
         check_max_batch(self.max_batch)
-
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "max_batch":  # a memory bound only: the score stays fit
-            check_max_batch(future_val)
-            return
-        super()._on_param_will_be_set(attr, future_val)
 
     # -- noise --------------------------------------------------------------------------------
     def _noisy_chunks(

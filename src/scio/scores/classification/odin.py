@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,6 +71,7 @@ class ODIN(NoCalibration, BaseScoreClassif):
     max_batch: int | None = DEFAULT_MAX_BATCH
 
     _extension_params = BaseScoreClassif._extension_params | {"max_batch"}
+    _keeps_fit = frozenset({"max_batch"})  # a memory bound only
     _param_ranges = param_ranges(
         temperature=ParamRange.interval(0),
         epsilon=ParamRange(math.isfinite, "a finite number"),
@@ -81,12 +81,6 @@ class ODIN(NoCalibration, BaseScoreClassif):
     def _check_params(self, n_calib: int) -> None:
         super()._check_params(n_calib)
         check_max_batch(self.max_batch)
-
-    def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
-        if attr == "max_batch":  # inference-only: the score stays fit
-            check_max_batch(future_val)
-            return
-        super()._on_param_will_be_set(attr, future_val)
 
     @property
     def _inference_needs_grad(self) -> bool:

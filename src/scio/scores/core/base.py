@@ -145,7 +145,13 @@ class BaseScore(ParamClass):
         if value is not MISSING:
             check_param_range(self, name, value, type(self)._range_of(name))
 
+    #: Hyper-parameters read only at inference or bounding memory (e.g. ``max_batch``):
+    #: changing one keeps the fitted state (their ranges are still checked on assignment).
+    _keeps_fit: ClassVar[frozenset[str]] = frozenset()
+
     def _on_param_will_be_set(self, attr: str, future_val: Any) -> None:
+        if attr in type(self)._keeps_fit:
+            return
         if not _same_value(self.params.get(attr, MISSING), future_val):
             self.unfit()
 
