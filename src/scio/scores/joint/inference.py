@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from scio.recorder import Recorder, SharedForward, shared_forward
-from scio.recorder.io import batch_size, take_rows, unwrap_single
-from scio.recorder.io import batch_size as count_rows
+from scio.recorder.io import batch_size as count_rows  # `batch_size` is a parameter below
+from scio.recorder.io import take_rows, unwrap_single
 from scio.scores.core.base import BaseScore
 from scio.scores.core.fitted import fitted_scores
 from scio.scores.core.validation import eval_mode, merge_rows, nonfinite_rows
@@ -150,7 +150,7 @@ class JointInference:
         own = [0.0] * len(self.scores)
         results = self._batch(inputs, own)
         for score, seconds in zip(self.scores, own, strict=True):
-            score.timer.add("inference", batch_size(inputs), seconds)
+            score.timer.add("inference", count_rows(inputs), seconds)
         return results
 
     def run(
@@ -175,7 +175,7 @@ class JointInference:
             for i, (score_out, conformity) in enumerate(self._batch(inputs, own)):
                 outs[i].append(score_out)
                 confs[i].append(conformity)
-            n_done += batch_size(inputs)
+            n_done += count_rows(inputs)
             if on_batch is not None:
                 on_batch(n_done)
         if n_done == 0:
